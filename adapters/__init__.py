@@ -1,0 +1,23 @@
+"""Test-time adaptation methods as per-stream adapters (pure torch + pydantic).
+
+Importing this package registers every built-in method; see :mod:`adapters.base` for the
+contract and :mod:`adapters.registry` for lookup by name.
+"""
+
+from adapters import source  # registers the built-in methods
+from adapters.base import Adapter, MethodConfig, StateMeta, StepInfo, StepResult, StreamState
+from adapters.registry import create_adapter, method_class, method_names, register
+
+__all__ = [
+    "Adapter",
+    "MethodConfig",
+    "StateMeta",
+    "StepInfo",
+    "StepResult",
+    "StreamState",
+    "create_adapter",
+    "method_class",
+    "method_names",
+    "register",
+    "source",
+]

@@ -1,0 +1,182 @@
+"""The adapter contract: how one test-time adaptation method plugs into the server.
+
+An adapter is a *method* with a validated *config*. The shared base model is frozen and
+never changes; everything a stream adapts lives in a :class:`StreamState` (a flat
+``dict[str, Tensor]`` plus small JSON metadata), which the server stores per stream and
+passes back in on the next request. The four verbs:
+
+``prepare(model)``
+    One-time conversion at model load, independent of the per-stream config (for example
+    swapping norm layers for layers that read statistics from per-stream tensors). The
+    server caches one prepared model per (model, method).
+``init_state(model, seed)``
+    The tensors this method adapts and nothing else (never a whole-model copy).
+``step(model, x, state, adapt=True)``
+    Predict and (unless ``adapt`` is False) adapt. Per-stream tensors enter through
+    :func:`torch.func.functional_call`; the shared model's parameters and buffers are
+    bit-identical before and after any number of steps. Returns a new state; the input
+    state is never mutated, so a failed step leaves the stream untouched.
+``reset(model, state)``
+    Back to source: the same as ``init_state`` with the stream's seed, keeping step count
+    and version so the store's versioning stays monotonic.
+
+Unsupported (method, model) combinations are rejected by :meth:`Adapter.check_model`
+when a stream is configured, never at the first request.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from adapters.errors import InvalidConfigError, UnsupportedModelError
+from adapters.norms import NormKind, detect_norm_kinds
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown fields are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+@dataclass(frozen=True)
+class StateMeta:
+    """Small JSON-serializable facts about a state: which method/config/model made it, and where it is."""
+
+    method: str
+    config: dict[str, Any]
+    model_hash: str
+    seed: int = 0
+    step: int = 0
+    version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        """Flatten to string metadata for a safetensors header."""
+        return {
+            "method": self.method,
+            "config": json.dumps(self.config, sort_keys=True),
+            "model_hash": self.model_hash,
+            "seed": str(self.seed),
+            "step": str(self.step),
+            "version": str(self.version),
+            "extra": json.dumps(self.extra, sort_keys=True),
+        }
+
+    @classmethod
+    def from_strings(cls, raw: Mapping[str, str]) -> StateMeta:
+        """Inverse of :meth:`to_strings`; raises KeyError/ValueError on malformed input."""
+        return cls(
+            method=raw["method"],
+            config=json.loads(raw["config"]),
+            model_hash=raw["model_hash"],
+            seed=int(raw["seed"]),
+            step=int(raw["step"]),
+            version=int(raw["version"]),
+            extra=json.loads(raw.get("extra", "{}")),
+        )
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything one stream has adapted: named tensors plus metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: StateMeta
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (what a stream costs in memory and in the store)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def with_meta(self, **changes: Any) -> StreamState:
+        """A copy with some metadata fields replaced (tensors shared, not copied)."""
+        return StreamState(self.tensors, replace(self.meta, **changes))
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one step reports for metrics and drift monitoring."""
+
+    adapted: bool
+    samples: int
+    samples_used: int
+    resets: int = 0
+    forwards: int = 1
+    backwards: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Logits for the batch, the stream's next state, and step info."""
+
+    logits: torch.Tensor
+    state: StreamState
+    info: StepInfo
+
+
+class Adapter(ABC, Generic[ConfigT]):
+    """One TTA method bound to a validated config. Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    supported_norms: ClassVar[frozenset[NormKind]]
+    predicts: ClassVar[Literal["before_update", "after_update", "no_update"]]
+    batch_size_one: ClassVar[str]
+    """How the method behaves with one image per request (shown in docs and /v1/methods)."""
+
+    def __init__(self, config: ConfigT | Mapping[str, Any] | None = None) -> None:
+        self.config: ConfigT = self.parse_config(config)
+
+    @classmethod
+    def parse_config(cls, config: MethodConfig | Mapping[str, Any] | None) -> ConfigT:
+        """Validate a config dict (or pass a config object through) with clear errors."""
+        if isinstance(config, cls.config_cls):
+            return config  # type: ignore[return-value]
+        try:
+            return cls.config_cls.model_validate(dict(config or {}))  # type: ignore[return-value]
+        except ValidationError as exc:
+            raise InvalidConfigError(cls.name, exc) from exc
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` if this method cannot adapt ``model``."""
+        kinds = detect_norm_kinds(model)
+        if not kinds & self.supported_norms:
+            found = ", ".join(sorted(k.value for k in kinds)) or "no normalization layers"
+            supported = ", ".join(sorted(k.value for k in self.supported_norms))
+            raise UnsupportedModelError(
+                f"method '{self.name}' adapts {supported} layers; the model has {found}"
+            )
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """One-time conversion at model load. The default freezes the model in eval mode."""
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    @abstractmethod
+    def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
+        """The source state of a new stream."""
+
+    @abstractmethod
+    def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
+        """Predict for ``x`` and, if ``adapt``, return the adapted next state."""
+
+    def reset(self, model: nn.Module, state: StreamState) -> StreamState:
+        """Back to source, keeping step and version counters."""
+        fresh = self.init_state(model, state.meta.seed, state.meta.model_hash)
+        return StreamState(fresh.tensors, replace(state.meta, extra=fresh.meta.extra))
+
+    def new_meta(self, seed: int, model_hash: str, **extra: Any) -> StateMeta:
+        """Metadata for a fresh state of this adapter."""
+        return StateMeta(self.name, self.config.model_dump(mode="json"), model_hash, seed, extra=dict(extra))

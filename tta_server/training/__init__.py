@@ -1,0 +1,1 @@
+"""Training of the project's own CIFAR ResNets (``tta-server train``)."""
