@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tta_server.training.trainer import TrainConfig, train
 from adapters.norms import NormKind
+from tta_server.training.trainer import TrainConfig, train
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "zoo" / "weights"
 
@@ -40,7 +40,7 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,
         train_data=train_data,
         test_data=test_data,
     )

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
+from adapters.norms import NormKind
 from tta_server.data.datasets import LabeledImages, load_labeled_images
 from tta_server.training.augment import random_crop_flip
 from tta_server.training.checkpoint import Progress, load_checkpoint, save_checkpoint
 from tta_server.zoo.evaluate import top1_accuracy
-from adapters.norms import NormKind
 from tta_server.zoo.resnet_cifar import cifar_resnet
 from tta_server.zoo.transforms import normalize
 
@@ -130,7 +130,7 @@ def train(
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                 loss = F.cross_entropy(model(x), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}")
@@ -181,7 +181,7 @@ def export_model(
     return weights
 
 
-def render_card(card: dict[str, object]) -> str:
+def render_card(card: Mapping[str, Any]) -> str:
     """A short human-readable model card."""
     cfg = cast(dict[str, Any], card["config"])
     return (

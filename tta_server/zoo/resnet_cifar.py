@@ -81,7 +81,8 @@ class CifarResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        logits: torch.Tensor = self.linear(out)
+        return logits
 
 
 def cifar_resnet(depth: int, norm: NormKind | str = NormKind.BN, num_classes: int = 10) -> CifarResNet:

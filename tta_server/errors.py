@@ -1,0 +1,40 @@
+"""The exception tree of the service and its single mapping to HTTP.
+
+Every error response has one shape: ``{"error": {"code", "message", "detail"}}``, where
+``code`` is a stable machine-readable string, ``message`` a sentence for a person and
+``detail`` optional structured context (for example pydantic's field errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error the API turns into a JSON response."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class RequestInvalidError(ServiceError):
+    status_code = 422
+    code = "validation_error"
+
+
+class NotReadyError(ServiceError):
+    status_code = 503
+    code = "not_ready"
