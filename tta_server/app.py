@@ -1,29 +1,59 @@
-"""The FastAPI application factory.
+"""The FastAPI application factory and the request path.
+
+    POST /v1/streams/{id}/predict  (multipart images | JSON base64 | .npy batch)
+      -> schema validation (422) -> decode + limits (413/415/422) -> preprocess (model's own transform)
+      -> Batcher.submit: bounded per-process queue (429 + Retry-After when full), per-request deadline (504)
+      -> collect: requests of the same stream coalesce into one adaptation batch (max_batch, max_delay)
+      -> StreamRunner (one worker thread per device, never on the event loop)
+           state = store.load(stream) or adapter.init_state(model)
+           result = adapter.step(model, x, state)          # frozen shared model + per-stream tensors
+           store.save(stream, result.state, expected_version)
+      -> response (labels, class names, probabilities, entropy, stream step) + metrics + drift
 
 ``create_app(settings)`` builds the process-wide services once (catalogue, model hub, state
-store), loads the preloaded models in a worker thread during start-up so the event loop
-never runs torch, and maps every :class:`~tta_server.errors.ServiceError` to the one JSON
-error shape in one place.
+store, metrics, batcher), loads the preloaded models in the worker thread during start-up,
+and maps every error to the one JSON error shape in one place (:func:`install_error_handlers`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tta_server.api import health, models_routes
+from adapters.errors import AdapterError
+from tta_server.api import health, methods_routes, models_routes, predict, streams
 from tta_server.api.deps import Services
-from tta_server.errors import ServiceError
+from tta_server.errors import (
+    ConflictError,
+    NotFoundError,
+    QueueFullError,
+    RequestInvalidError,
+    ServiceError,
+    StoreDownError,
+)
+from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
+from tta_server.serving.batcher import Batcher
+from tta_server.serving.decode import InputLimits
+from tta_server.serving.drift import DriftTracker
+from tta_server.serving.runner import BatchOutput, StreamRunner
 from tta_server.settings import Settings
+from tta_server.state.base import (
+    StoreUnavailableError,
+    StreamExistsError,
+    StreamNotFoundError,
+    VersionConflictError,
+)
 from tta_server.state.factory import open_store
+from tta_server.zoo.catalogue import CatalogueError
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +68,116 @@ def _preload(services: Services) -> None:
     services.models_ready = True
 
 
-def _error(status: int, code: str, message: str, detail: object = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "detail": detail}}, status_code=status)
+def to_service_error(exc: Exception) -> ServiceError | None:
+    """The HTTP meaning of an internal error, or None for a genuine server fault."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, StreamNotFoundError):
+        return NotFoundError(str(exc))
+    if isinstance(exc, (StreamExistsError, VersionConflictError)):
+        return ConflictError(str(exc))
+    if isinstance(exc, StoreUnavailableError):
+        return StoreDownError(f"state store unavailable: {exc}")
+    if isinstance(exc, (AdapterError, CatalogueError)):
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return RequestInvalidError(str(message), getattr(exc, "errors", None))
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors, validation errors and HTTP errors to the one error shape."""
+    """Map service, store, adapter, validation and HTTP errors to the one error shape."""
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(exc.to_body(), status_code=exc.status_code)
+    def respond(error: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(int(error.retry_after + 0.999))} if isinstance(error, QueueFullError) else None
+        return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _any_error(_: Request, exc: Exception) -> JSONResponse:
+        mapped = to_service_error(exc)
+        if mapped is None:
+            log.exception("unhandled error", exc_info=exc)
+            mapped = ServiceError(f"internal error: {type(exc).__name__}")
+        return respond(mapped)
+
+    mapped_errors: tuple[type[Exception], ...] = (
+        ServiceError,
+        AdapterError,
+        CatalogueError,
+        StreamNotFoundError,
+        StreamExistsError,
+        VersionConflictError,
+        StoreUnavailableError,
+    )
+    for cls in mapped_errors:
+        app.add_exception_handler(cls, _any_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         fields = "; ".join(".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in errors)
-        return _error(422, "validation_error", f"invalid request: {fields}", errors)
+        return respond(RequestInvalidError(f"invalid request: {fields}", errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        return JSONResponse(
+            {"error": {"code": code, "message": str(exc.detail), "detail": None}}, status_code=exc.status_code
+        )
+
+
+def install_metrics(app: FastAPI, metrics: Metrics) -> None:
+    """Count and time every request by its route template (bounded labels) and serve /metrics."""
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def _metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_services(settings: Settings) -> Services:
+    """Everything the app shares, built from the settings (no torch work yet)."""
+    metrics = Metrics()
+    hub = ModelHub.from_settings(settings)
+    store = open_store(settings)
+    drift = DriftTracker(sample_every=settings.drift_sample_every)
+    runner = StreamRunner(hub, store, metrics, drift)
+
+    def on_batch(images: int, requests: int) -> None:
+        metrics.batch_images.observe(images)
+        metrics.batch_requests.observe(requests)
+
+    batcher: Batcher[BatchOutput] = Batcher(
+        runner.run_batch,
+        max_batch=settings.max_batch_size,
+        max_delay=settings.max_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        timeout=settings.request_timeout_s,
+        on_batch=on_batch,
+    )
+    metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)
+    metrics.track_gauge(metrics.active_streams, store.count)
+    limits = InputLimits(settings.max_body_bytes, settings.max_images_per_request, settings.max_pixels_per_image)
+    return Services(settings, hub, store, metrics, drift, runner, batcher, limits)
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI app for ``settings`` (nothing is built at import time)."""
-    services = Services(settings=settings, hub=ModelHub.from_settings(settings), store=open_store(settings.store_url))
+    services = build_services(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(_preload, services)
+        await services.batcher.start()
+        await services.batcher.run_in_worker(lambda: _preload(services))
         yield
+        await services.batcher.stop()
         services.store.close()
 
     app = FastAPI(
@@ -79,6 +188,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(models_routes.router)
+    install_metrics(app, services.metrics)
+    for router in (health.router, models_routes.router, methods_routes.router, streams.router, predict.router):
+        app.include_router(router)
     return app

@@ -38,3 +38,44 @@ class RequestInvalidError(ServiceError):
 class NotReadyError(ServiceError):
     status_code = 503
     code = "not_ready"
+
+
+class ConflictError(ServiceError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaError(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class QueueFullError(ServiceError):
+    """The bounded request queue is full; the client should retry after ``retry_after`` seconds."""
+
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, {"retry_after_seconds": retry_after})
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(ServiceError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class StoreDownError(ServiceError):
+    status_code = 503
+    code = "store_unavailable"

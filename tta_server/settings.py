@@ -39,6 +39,31 @@ class Settings(BaseSettings):
         default_factory=lambda: ["resnet20"], description="catalogue models loaded at start-up"
     )
 
+    max_batch_size: int = Field(64, ge=1, le=4096, description="images per adaptation batch")
+    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="wait for more requests of a stream")
+    max_queue: int = Field(256, ge=1, le=1_000_000, description="waiting requests before 429")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="queue deadline per request (504)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
+    max_images_per_request: int = Field(256, ge=1, le=100_000)
+    max_pixels_per_image: int = Field(4096 * 4096, ge=64, description="decompression-bomb guard (413)")
+    memory_max_streams: int = Field(10_000, ge=1, description="memory store: LRU bound")
+    memory_ttl_s: float | None = Field(None, gt=0, description="memory store: idle streams expire")
+    drift_sample_every: int = Field(10, ge=0, description="run the source model every N batches (0 = never)")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description='API key -> tenant, e.g. {"k1": "acme"}; tenant "*" is admin; empty = auth off',
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_named(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, tenant in v.items():
+            if len(key) < 16:
+                raise ValueError("API keys must be at least 16 characters")
+            if not tenant:
+                raise ValueError("every API key needs a tenant name")
+        return v
+
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, v: str) -> str:

@@ -51,3 +51,128 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class StreamCreate(BaseModel):
+    """Register a stream: which model, which method, the method's config."""
+
+    model_config = {"extra": "forbid"}
+
+    model: str = Field(examples=["resnet20"], description="catalogue model name (GET /v1/models)")
+    method: str = Field(examples=["bn"], description="adaptation method (GET /v1/methods)")
+    config: dict[str, object] = Field(default_factory=dict, description="method config; defaults fill the rest")
+    stream_id: str | None = Field(
+        None, pattern=STREAM_ID_PATTERN, examples=["cam-7"], description="generated if absent"
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the method's random initialization")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32, description="free labels, kept as given")
+
+
+class WindowOut(BaseModel):
+    batches: int
+    images: int
+    entropy_mean: float | None
+    confidence_mean: float | None
+    class_distribution: list[float]
+    class_shift_tv: float | None = Field(description="total variation distance of predicted classes from uniform")
+    filtered_ratio: float | None
+    source_disagreement: float | None
+    bn_shift: float | None
+    resets: int
+
+
+class DriftOut(BaseModel):
+    stream_id: str
+    short: WindowOut
+    long: WindowOut
+    lifetime_images: int
+    lifetime_resets: int
+    window_batches: dict[str, int]
+
+
+class StreamOut(BaseModel):
+    stream_id: str
+    tenant: str
+    model: str
+    method: str
+    config: dict[str, object]
+    seed: int
+    metadata: dict[str, str]
+    created_at: float
+    updated_at: float | None
+    steps: int
+    samples_seen: int
+    version: int
+    state_bytes: int
+    drift: WindowOut | None = None
+
+
+class StreamPage(BaseModel):
+    streams: list[StreamOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class TopK(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: int = Field(description="predicted class index")
+    class_name: str
+    probability: float
+    entropy: float = Field(description="prediction entropy in nats")
+    top_k: list[TopK]
+
+
+class PredictResponse(BaseModel):
+    stream_id: str
+    model: str
+    method: str
+    step: int = Field(description="the stream's step after this request")
+    version: int = Field(description="the stored state's version after this request")
+    adapted: bool = Field(description="whether this batch updated the stream")
+    batch_images: int = Field(description="images in the adaptation batch this request was part of")
+    predictions: list[Prediction]
+
+
+class PredictJSON(BaseModel):
+    """JSON body of /predict: base64-encoded PNG, JPEG or WebP images."""
+
+    model_config = {"extra": "forbid"}
+
+    images: list[str] = Field(min_length=1, description="base64 of encoded images")
+    adapt: bool | None = None
+    top_k: int | None = Field(None, ge=1, le=1000)
+
+
+class ResetResponse(BaseModel):
+    stream_id: str
+    step: int
+    version: int
+
+
+class StateImported(BaseModel):
+    stream_id: str
+    step: int
+    version: int
+
+
+class MethodInfo(BaseModel):
+    name: str
+    description: str
+    supported_norms: list[str]
+    predicts: str
+    batch_size_one: str
+    config_schema: dict[str, object]
+    defaults: dict[str, object]
+
+
+class MethodList(BaseModel):
+    methods: list[MethodInfo]

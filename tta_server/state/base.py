@@ -1,12 +1,72 @@
-"""The state store interface every backend implements (memory today, Redis for replicas)."""
+"""The state store interface every backend implements (memory by default, Redis for replicas).
+
+A store keeps, per stream: the registration (:class:`StreamRecord`, written once) and the
+latest adapted state (:class:`StoredState`) with a *version*. Every state write names the
+version it was based on; a store refuses a stale write with :class:`VersionConflictError`
+instead of silently overwriting a newer state (compare-and-set).
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from adapters.base import StreamState
 
 
-class StoreUnavailableError(RuntimeError):
+class StoreError(Exception):
+    """Base of state store errors."""
+
+
+class StoreUnavailableError(StoreError):
     """The store cannot be reached; readiness reports it and store-bound calls answer 503."""
+
+
+class StreamExistsError(StoreError):
+    """A stream with this id already exists for this tenant (HTTP 409)."""
+
+
+class StreamNotFoundError(StoreError):
+    """No such stream for this tenant (HTTP 404)."""
+
+
+class VersionConflictError(StoreError):
+    """A state write was based on an older version than the stored one (lost-update guard)."""
+
+
+@dataclass(frozen=True, order=True)
+class StreamKey:
+    """A stream is identified by its tenant and its id; tenants never see each other's streams."""
+
+    tenant: str
+    stream_id: str
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.stream_id}"
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """What a client registered: model, method, validated config, seed and free metadata."""
+
+    key: StreamKey
+    model: str
+    method: str
+    config: dict[str, Any]
+    seed: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A stream's latest state, its version, running counters and the time of the write."""
+
+    state: StreamState
+    version: int
+    samples_seen: int
+    updated_at: float
 
 
 class StateStore(Protocol):
@@ -16,6 +76,27 @@ class StateStore(Protocol):
 
     def ping(self) -> None:
         """Return when the store answers; raise :class:`StoreUnavailableError` otherwise."""
+
+    def create_stream(self, record: StreamRecord) -> None:
+        """Register a new stream; :class:`StreamExistsError` if the key is taken."""
+
+    def get_stream(self, key: StreamKey) -> StreamRecord:
+        """The registration of ``key``; :class:`StreamNotFoundError` if absent."""
+
+    def list_streams(self, tenant: str | None, offset: int, limit: int) -> tuple[list[StreamRecord], int]:
+        """A page of registrations (all tenants when ``tenant`` is None) and the total count."""
+
+    def delete_stream(self, key: StreamKey) -> None:
+        """Remove the registration and the state; :class:`StreamNotFoundError` if absent."""
+
+    def load_state(self, key: StreamKey) -> StoredState | None:
+        """The latest state, or None before the first write."""
+
+    def save_state(self, key: StreamKey, state: StreamState, expected_version: int, samples_seen: int) -> int:
+        """Write ``state`` if the stored version equals ``expected_version``; return the new version."""
+
+    def count(self) -> int:
+        """Registered streams (all tenants)."""
 
     def close(self) -> None:
         """Release connections and flush pending writes."""

@@ -1,15 +1,123 @@
-"""The embedded in-process state store (the default)."""
+"""The embedded in-process state store (the default): a bounded LRU with an idle TTL.
+
+States are kept as objects (no serialization), so the hot path costs a dict lookup. The
+bound protects the process: when ``max_streams`` is exceeded the least recently used stream
+is dropped, and a stream idle for longer than ``ttl_seconds`` expires. Both are documented
+as data loss for that stream, which is why replicas and restarts need the Redis store.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from adapters.base import StreamState
+from tta_server.state.base import (
+    StoredState,
+    StreamExistsError,
+    StreamKey,
+    StreamNotFoundError,
+    StreamRecord,
+    VersionConflictError,
+)
+
+
+@dataclass
+class _Entry:
+    record: StreamRecord
+    stored: StoredState | None
+    last_access: float
+
 
 class MemoryStateStore:
-    """Keeps everything in this process; always reachable."""
+    """Thread-safe in-process store with LRU eviction and idle expiry."""
 
     name = "memory"
+
+    def __init__(
+        self,
+        max_streams: int = 10_000,
+        ttl_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_streams = max_streams
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._entries: OrderedDict[StreamKey, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
 
     def ping(self) -> None:
         """An in-process store always answers."""
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def _expire(self, now: float) -> None:
+        if self.ttl_seconds is None:
+            return
+        stale = [k for k, e in self._entries.items() if now - e.last_access > self.ttl_seconds]
+        for key in stale:
+            del self._entries[key]
+            self.evictions += 1
+
+    def _touch(self, key: StreamKey) -> _Entry:
+        now = self._clock()
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            raise StreamNotFoundError(f"stream '{key.stream_id}' does not exist")
+        entry.last_access = now
+        self._entries.move_to_end(key)
+        return entry
+
+    def create_stream(self, record: StreamRecord) -> None:
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if record.key in self._entries:
+                raise StreamExistsError(f"stream '{record.key.stream_id}' already exists")
+            self._entries[record.key] = _Entry(record, None, now)
+            while len(self._entries) > self.max_streams:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+
+    def get_stream(self, key: StreamKey) -> StreamRecord:
+        with self._lock:
+            return self._touch(key).record
+
+    def list_streams(self, tenant: str | None, offset: int, limit: int) -> tuple[list[StreamRecord], int]:
+        with self._lock:
+            self._expire(self._clock())
+            records = sorted(
+                (e.record for k, e in self._entries.items() if tenant is None or k.tenant == tenant),
+                key=lambda r: (r.created_at, str(r.key)),
+            )
+        return records[offset : offset + limit], len(records)
+
+    def delete_stream(self, key: StreamKey) -> None:
+        with self._lock:
+            self._touch(key)
+            del self._entries[key]
+
+    def load_state(self, key: StreamKey) -> StoredState | None:
+        with self._lock:
+            return self._touch(key).stored
+
+    def save_state(self, key: StreamKey, state: StreamState, expected_version: int, samples_seen: int) -> int:
+        with self._lock:
+            entry = self._touch(key)
+            current = entry.stored.version if entry.stored else 0
+            if current != expected_version:
+                raise VersionConflictError(
+                    f"stream '{key.stream_id}' is at version {current}, write was based on {expected_version}"
+                )
+            entry.stored = StoredState(state, current + 1, samples_seen, time.time())
+            return current + 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._entries)

@@ -45,6 +45,7 @@ def train_command(
         test_data=test_data,
     )
     console = Console(stderr=True)
+    log_every = 100  # plain progress lines when stderr is not a terminal (logs, CI)
     columns = (
         TextColumn(f"[bold]{config.name}"),
         BarColumn(),
@@ -58,6 +59,8 @@ def train_command(
 
         def on_step(done: int, total: int, loss: float, step_lr: float) -> None:
             bar.update(task, completed=done, total=total, loss=loss, lr=step_lr)
+            if not console.is_terminal and done % log_every == 0:
+                console.print(f"{config.name} step {done}/{total} loss {loss:.3f} lr {step_lr:.4f}")
 
         weights = train(
             config,

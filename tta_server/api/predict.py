@@ -1,0 +1,135 @@
+"""``POST /v1/streams/{id}/predict``: decode, queue, adapt, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from tta_server.api.body import read_body
+from tta_server.api.deps import PrincipalDep, ServicesDep
+from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
+from tta_server.api.streams import ERRORS, stream_key
+from tta_server.errors import RequestInvalidError, UnsupportedMediaError
+from tta_server.serving.decode import InputLimits, decode_image_files, decode_npy
+from tta_server.serving.drift import entropy_and_confidence
+from tta_server.serving.runner import BatchOutput
+
+router = APIRouter(prefix="/v1/streams", tags=["predict"])
+
+NPY_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def decode_request(
+    request: Request, size: int, limits: InputLimits, max_body: int
+) -> tuple[np.ndarray, PredictJSON | None]:
+    """The request's images as (N, size, size, 3) uint8, and the JSON options if the body was JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, max_body)
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        blobs = [await f.read() for f in files]
+        return await asyncio.to_thread(decode_image_files, blobs, size, limits), None
+    if content_type == "application/json":
+        try:
+            options = PredictJSON.model_validate_json(body)
+        except ValidationError as exc:
+            errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+            raise RequestInvalidError(f"invalid JSON body: {errors[0]['msg']} at {errors[0]['loc']}", errors) from None
+        blobs = []
+        for i, text in enumerate(options.images):
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise RequestInvalidError(f"image {i} is not valid base64", {"index": i}) from None
+        return await asyncio.to_thread(decode_image_files, blobs, size, limits), options
+    if content_type in NPY_TYPES:
+        return await asyncio.to_thread(decode_npy, body, size, limits), None
+    raise UnsupportedMediaError(
+        f"content type '{content_type or 'none'}' is not accepted; send multipart/form-data (PNG, JPEG, WebP files), "
+        "application/json (base64 images) or application/x-npy (uint8 N x H x W x 3)"
+    )
+
+
+def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction]:
+    probs = output.probs[rows]
+    entropy, _ = entropy_and_confidence(probs)
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1)[:, :k]
+    out = []
+    for i, row in enumerate(order):
+        top = [TopK(label=int(c), class_name=output.classes[c], probability=float(probs[i, c])) for c in row]
+        out.append(
+            Prediction(
+                label=top[0].label,
+                class_name=top[0].class_name,
+                probability=top[0].probability,
+                entropy=float(entropy[i]),
+                top_k=top,
+            )
+        )
+    return out
+
+
+@router.post(
+    "/{stream_id}/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    summary="Adapted predictions for a batch of images",
+    openapi_extra=PREDICT_BODY,
+)
+async def predict(
+    stream_id: str,
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    adapt: Annotated[bool, Query(description="false: predict without updating the stream")] = True,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="classes listed per image")] = 5,
+) -> PredictResponse:
+    """Images as multipart files (PNG, JPEG, WebP), JSON base64 or one .npy uint8 batch.
+
+    Images are converted to RGB and resized to the model's input size. Requests of one stream
+    are served in arrival order; concurrent requests of the same stream may share one
+    adaptation batch (``batch_images``).
+    """
+    key = stream_key(principal, stream_id)
+    record = services.store.get_stream(key)
+    spec = services.hub.catalogue.get(record.model)
+    images, options = await decode_request(request, spec.input_size, services.limits, services.settings.max_body_bytes)
+    if options is not None:
+        adapt = options.adapt if options.adapt is not None else adapt
+        top_k = options.top_k or top_k
+    output, rows = await services.batcher.submit(key, images, adapt)
+    return PredictResponse(
+        stream_id=stream_id,
+        model=record.model,
+        method=record.method,
+        step=output.step,
+        version=output.version,
+        adapted=output.adapted,
+        batch_images=len(output.probs),
+        predictions=predictions(output, rows, top_k),
+    )

@@ -1,0 +1,179 @@
+"""``/v1/streams``: register, list, inspect, delete, reset, export/import state, drift."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from tta_server.api.body import read_body
+from tta_server.api.deps import PrincipalDep, Services, ServicesDep
+from tta_server.api.schemas import (
+    DriftOut,
+    ErrorResponse,
+    ResetResponse,
+    StateImported,
+    StreamCreate,
+    StreamOut,
+    StreamPage,
+    WindowOut,
+)
+from tta_server.auth import Principal
+from tta_server.state.base import StreamKey, StreamRecord
+
+router = APIRouter(prefix="/v1/streams", tags=["streams"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429, 503, 504)
+}
+
+
+def stream_key(principal: Principal, stream_id: str) -> StreamKey:
+    return StreamKey(principal.tenant, stream_id)
+
+
+def stream_out(services: Services, record: StreamRecord, with_drift: bool = True) -> StreamOut:
+    stored = services.store.load_state(record.key)
+    num_classes = len(services.hub.catalogue.get(record.model).classes)
+    drift = services.drift.summary(record.key, num_classes).short if with_drift else None
+    return StreamOut(
+        stream_id=record.key.stream_id,
+        tenant=record.key.tenant,
+        model=record.model,
+        method=record.method,
+        config=record.config,
+        seed=record.seed,
+        metadata=record.metadata,
+        created_at=record.created_at,
+        updated_at=stored.updated_at if stored else None,
+        steps=stored.state.meta.step if stored else 0,
+        samples_seen=stored.samples_seen if stored else 0,
+        version=stored.version if stored else 0,
+        state_bytes=stored.state.nbytes() if stored else 0,
+        drift=WindowOut(**vars(drift)) if drift else None,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StreamOut,
+    responses=ERRORS,
+    summary="Register a stream",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "bn": {"value": {"model": "resnet20", "method": "bn", "stream_id": "cam-7"}},
+                        "alpha_bn": {
+                            "value": {"model": "resnet20", "method": "alpha_bn", "config": {"source_weight": 0.8}}
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
+async def create_stream(body: StreamCreate, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
+    """Validate model, method and config (422 for an unknown model or method, an invalid config,
+    or a norm type the method cannot adapt) and register the stream (409 if the id is taken)."""
+    config = await services.batcher.run_in_worker(
+        lambda: services.runner.validate(body.model, body.method, body.config)
+    )
+    record = StreamRecord(
+        key=stream_key(principal, body.stream_id or uuid.uuid4().hex[:16]),
+        model=body.model,
+        method=body.method,
+        config=config,
+        seed=body.seed,
+        metadata=body.metadata,
+        created_at=time.time(),
+    )
+    services.store.create_stream(record)
+    return stream_out(services, record)
+
+
+@router.get("", response_model=StreamPage, responses=ERRORS, summary="List streams (paged)")
+def list_streams(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    all_tenants: Annotated[bool, Query(description="admin keys only: every tenant's streams")] = False,
+) -> StreamPage:
+    tenant = None if (all_tenants and principal.admin) else principal.tenant
+    records, total = services.store.list_streams(tenant, offset, limit)
+    return StreamPage(
+        streams=[stream_out(services, r, with_drift=False) for r in records], total=total, offset=offset, limit=limit
+    )
+
+
+@router.get("/{stream_id}", response_model=StreamOut, responses=ERRORS, summary="Describe a stream")
+def get_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
+    return stream_out(services, services.store.get_stream(stream_key(principal, stream_id)))
+
+
+@router.delete("/{stream_id}", status_code=204, responses=ERRORS, summary="Delete a stream and its state")
+def delete_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    key = stream_key(principal, stream_id)
+    services.store.delete_stream(key)
+    services.drift.forget(key)
+    return Response(status_code=204)
+
+
+@router.post("/{stream_id}/reset", response_model=ResetResponse, responses=ERRORS, summary="Reset to source")
+async def reset_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> ResetResponse:
+    key = stream_key(principal, stream_id)
+    services.store.get_stream(key)
+    step, version = await services.batcher.run_in_worker(lambda: services.runner.reset(key))
+    return ResetResponse(stream_id=stream_id, step=step, version=version)
+
+
+@router.get(
+    "/{stream_id}/state",
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors bytes"}, **ERRORS},
+    summary="Export the stream state (safetensors)",
+)
+async def export_state(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    key = stream_key(principal, stream_id)
+    services.store.get_stream(key)
+    blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_state(key))
+    headers = {
+        "Content-Disposition": f'attachment; filename="{stream_id}.safetensors"',
+        "X-State-Version": str(version),
+    }
+    return Response(blob, media_type="application/octet-stream", headers=headers)
+
+
+@router.put(
+    "/{stream_id}/state",
+    response_model=StateImported,
+    responses=ERRORS,
+    summary="Import a stream state (safetensors), validated against the stream's model and method",
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}},
+)
+async def import_state(
+    stream_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> StateImported:
+    key = stream_key(principal, stream_id)
+    services.store.get_stream(key)
+    blob = await read_body(request, services.settings.max_body_bytes)
+    step, version = await services.batcher.run_in_worker(lambda: services.runner.import_state(key, blob))
+    return StateImported(stream_id=stream_id, step=step, version=version)
+
+
+@router.get("/{stream_id}/drift", response_model=DriftOut, responses=ERRORS, summary="Drift signals")
+def get_drift(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> DriftOut:
+    record = services.store.get_stream(stream_key(principal, stream_id))
+    summary = services.drift.summary(record.key, len(services.hub.catalogue.get(record.model).classes))
+    return DriftOut(
+        stream_id=stream_id,
+        short=WindowOut(**vars(summary.short)),
+        long=WindowOut(**vars(summary.long)),
+        lifetime_images=summary.lifetime_images,
+        lifetime_resets=summary.lifetime_resets,
+        window_batches=summary.window_batches,
+    )

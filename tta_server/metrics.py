@@ -1,0 +1,114 @@
+"""Every Prometheus metric of the server, defined in one place, in base units.
+
+Labels are bounded: route, status class, model and method, never a stream id (per-stream
+detail is on ``GET /v1/streams/{id}/drift``). Each app instance owns its registry, so several
+apps in one process (tests) never collide. The server runs one process per device (one
+model worker thread each); every process exposes its own ``/metrics`` and Prometheus scrapes
+each of them, so no multi-process aggregation is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0)
+
+
+class Metrics:
+    """The server's metrics, registered in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tta_http_requests_total",
+            "HTTP requests by route and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tta_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("tta_queue_depth", "requests waiting in the batcher queue", registry=r)
+        self.queue_rejections = Counter("tta_queue_rejections_total", "requests refused with 429", registry=r)
+        self.deadline_exceeded = Counter(
+            "tta_deadline_exceeded_total", "requests failed with 504 before running", registry=r
+        )
+        self.batch_images = Histogram(
+            "tta_batch_images", "images per adaptation batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "tta_batch_requests", "requests coalesced per adaptation batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "tta_inference_duration_seconds",
+            "adapter step time per batch (forward and adaptation)",
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("tta_images_total", "images predicted", ["model", "method"], registry=r)
+        self.adaptation_steps = Counter(
+            "tta_adaptation_steps_total", "batches that updated a stream state", ["model", "method"], registry=r
+        )
+        self.samples_filtered = Counter(
+            "tta_samples_filtered_total", "samples excluded from updates by a filter", ["model", "method"], registry=r
+        )
+        self.resets = Counter(
+            "tta_resets_total", "stream resets (collapse recovery or API)", ["model", "method", "reason"], registry=r
+        )
+        self.active_streams = Gauge("tta_active_streams", "streams registered in this process's store", registry=r)
+        self.store_errors = Counter(
+            "tta_store_errors_total", "failed state store operations", ["operation"], registry=r
+        )
+        self.state_bytes = Histogram(
+            "tta_stream_state_bytes",
+            "bytes of adapted state per stream at write",
+            ["model", "method"],
+            buckets=(1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
+            registry=r,
+        )
+        self.entropy = Histogram(
+            "tta_prediction_entropy_nats",
+            "mean prediction entropy per batch",
+            ["model", "method"],
+            buckets=ENTROPY_BUCKETS,
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "tta_prediction_confidence",
+            "mean max-probability per batch",
+            ["model", "method"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.disagreement = Histogram(
+            "tta_source_disagreement_ratio",
+            "share of sampled images where the adapted and the source prediction differ",
+            ["model", "method"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.bn_shift = Histogram(
+            "tta_bn_statistics_shift",
+            "mean |batch mean - source mean| / source std over BN layers, on sampled batches",
+            ["model", "method"],
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+            registry=r,
+        )
+
+    def track_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
+        """Read a gauge's value from ``fn`` at scrape time."""
+        gauge.set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""The request path behind the HTTP edge: decoding, batching, running adapters, drift."""
