@@ -4,7 +4,7 @@ Importing this package registers every built-in method; see :mod:`adapters.base`
 contract and :mod:`adapters.registry` for lookup by name.
 """
 
-from adapters import source  # registers the built-in methods
+from adapters import adab2n, alpha_bn, bn, cema, sar, source, tent, unmix_tns  # registers the built-in methods
 from adapters.base import Adapter, MethodConfig, StateMeta, StepInfo, StepResult, StreamState
 from adapters.registry import create_adapter, method_class, method_names, register
 
@@ -15,9 +15,16 @@ __all__ = [
     "StepInfo",
     "StepResult",
     "StreamState",
+    "adab2n",
+    "alpha_bn",
+    "bn",
+    "cema",
     "create_adapter",
     "method_class",
     "method_names",
     "register",
+    "sar",
     "source",
+    "tent",
+    "unmix_tns",
 ]

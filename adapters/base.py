@@ -22,6 +22,29 @@ passes back in on the next request. The four verbs:
 
 Unsupported (method, model) combinations are rejected by :meth:`Adapter.check_model`
 when a stream is configured, never at the first request.
+
+``adapt=False`` is a dry run: the prediction is the one ``adapt=True`` would return, the
+returned state equals the input state (gradient methods skip their backward passes).
+
+Optional hooks (defaults make them no-ops, so methods without them need nothing):
+
+``auxiliary_models()`` / ``bind_auxiliary(models)``
+    A method that needs more models than the stream's own (CEMA's teacher) names them by role
+    in ``auxiliary_models()`` (role -> catalogue model name, from its config). The server loads
+    each named model, passes it through *this method's* ``prepare`` (so the per-(model, method)
+    cache applies), and calls ``bind_auxiliary({role: prepared_model})`` before
+    ``check_model``/``init_state``. Auxiliary models are shared and frozen like the main model;
+    whatever a method adapts in them is per-stream state. A missing or unusable auxiliary model
+    raises :class:`AuxiliaryModelError` (a subclass of :class:`UnsupportedModelError`, HTTP 422).
+``export_tensors(state)``
+    ``(version, tensors)``: the adapted tensors under the model's own parameter/buffer names,
+    ready for ``model.load_state_dict(tensors, strict=False)`` on an edge device that pulls
+    them; ``version`` increases whenever they change. Empty for methods that adapt nothing
+    loadable.
+
+:class:`StepInfo` reports, besides counts, ``samples_filtered`` (samples a filter excluded
+from the update) and in ``extra`` at least ``entropy_mean`` and ``max_prob_mean`` (drift
+signals), plus method-specific figures.
 """
 
 from __future__ import annotations
@@ -36,7 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from adapters.errors import InvalidConfigError, UnsupportedModelError
+from adapters.errors import AuxiliaryModelError, InvalidConfigError, UnsupportedModelError
 from adapters.norms import NormKind, detect_norm_kinds
 
 
@@ -105,7 +128,13 @@ class StreamState:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What one step reports for metrics and drift monitoring."""
+    """What one step reports for metrics and drift monitoring.
+
+    ``forwards``/``backwards`` count passes over the request batch and any extra batches the
+    step ran (replay, teacher); ``samples_filtered`` counts samples a reliability or redundancy
+    filter excluded from the update; ``extra`` holds ``entropy_mean`` and ``max_prob_mean``
+    plus method-specific figures.
+    """
 
     adapted: bool
     samples: int
@@ -114,6 +143,7 @@ class StepInfo:
     forwards: int = 1
     backwards: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    samples_filtered: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,9 +184,7 @@ class Adapter(ABC, Generic[ConfigT]):
         if not kinds & self.supported_norms:
             found = ", ".join(sorted(k.value for k in kinds)) or "no normalization layers"
             supported = ", ".join(sorted(k.value for k in self.supported_norms))
-            raise UnsupportedModelError(
-                f"method '{self.name}' adapts {supported} layers; the model has {found}"
-            )
+            raise UnsupportedModelError(f"method '{self.name}' adapts {supported} layers; the model has {found}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """One-time conversion at model load. The default freezes the model in eval mode."""
@@ -176,6 +204,20 @@ class Adapter(ABC, Generic[ConfigT]):
         """Back to source, keeping step and version counters."""
         fresh = self.init_state(model, state.meta.seed, state.meta.model_hash)
         return StreamState(fresh.tensors, replace(state.meta, extra=fresh.meta.extra))
+
+    def auxiliary_models(self) -> dict[str, str]:
+        """Role -> catalogue model name of the extra models this method needs (none by default)."""
+        return {}
+
+    def bind_auxiliary(self, models: Mapping[str, nn.Module]) -> None:
+        """Receive the prepared auxiliary models named by :meth:`auxiliary_models`, keyed by role."""
+        unexpected = set(models) - set(self.auxiliary_models())
+        if unexpected:
+            raise AuxiliaryModelError(f"method '{self.name}' takes no auxiliary models {sorted(unexpected)}")
+
+    def export_tensors(self, state: StreamState) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, adapted tensors under the model's own names) for an edge device; empty by default."""
+        return state.meta.step, {}
 
     def new_meta(self, seed: int, model_hash: str, **extra: Any) -> StateMeta:
         """Metadata for a fresh state of this adapter."""

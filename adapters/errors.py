@@ -31,5 +31,9 @@ class UnsupportedModelError(AdapterError, ValueError):
     """The method cannot adapt this model, e.g. its norm type (HTTP 422 at stream registration)."""
 
 
+class AuxiliaryModelError(UnsupportedModelError):
+    """An auxiliary model a method needs (e.g. CEMA's teacher) is missing or unusable (HTTP 422)."""
+
+
 class StateMismatchError(AdapterError, ValueError):
     """A state does not fit the method, config or model it is used with (HTTP 422 on import)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.functional import drift_extra
 from adapters.norms import NormKind
 from adapters.registry import register
 
@@ -38,5 +39,5 @@ class Source(Adapter[SourceConfig]):
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
         logits = model(x)
-        info = StepInfo(adapted=False, samples=len(x), samples_used=0)
+        info = StepInfo(adapted=False, samples=len(x), samples_used=0, extra=drift_extra(logits))
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

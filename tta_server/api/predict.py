@@ -16,7 +16,7 @@ from tta_server.api.body import read_body
 from tta_server.api.deps import PrincipalDep, ServicesDep
 from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
 from tta_server.api.streams import ERRORS, stream_key
-from tta_server.errors import RequestInvalidError, UnsupportedMediaError
+from tta_server.errors import DeadlineExceededError, QueueFullError, RequestInvalidError, UnsupportedMediaError
 from tta_server.serving.decode import InputLimits, decode_image_files, decode_npy
 from tta_server.serving.drift import entropy_and_confidence
 from tta_server.serving.runner import BatchOutput
@@ -122,7 +122,14 @@ async def predict(
     if options is not None:
         adapt = options.adapt if options.adapt is not None else adapt
         top_k = options.top_k or top_k
-    output, rows = await services.batcher.submit(key, images, adapt)
+    try:
+        output, rows = await services.batcher.submit(key, images, adapt)
+    except QueueFullError:
+        services.metrics.queue_rejections.inc()
+        raise
+    except DeadlineExceededError:
+        services.metrics.deadline_exceeded.inc()
+        raise
     return PredictResponse(
         stream_id=stream_id,
         model=record.model,

@@ -1,0 +1,230 @@
+"""``sar``: Sharpness-Aware and Reliable entropy minimization (Niu et al., ICLR 2023).
+
+Per batch (tta-methods.md §3.2): forward; keep the reliable samples S1 (entropy < E0 = e0·ln C);
+SAM ascent along the gradient of their mean entropy (radius ρ, global L2 norm); forward again at
+the perturbed parameters; keep S2 ⊂ S1 still below E0; SGD-momentum descent at the original
+parameters with the perturbed gradient; track an EMA of the second loss and reset to the source
+when it falls below e_m (entropy collapse).
+
+- Prediction: *before* the update (the logits of the first forward).
+- Batch size 1: the method's target setting on GN/LN models (SAR's bs1 experiments double the
+  lr: set ``lr`` accordingly, it is not scaled automatically). BN models run but normalize a single
+  image with its own statistics (poor); BN1d layers keep source statistics at B = 1.
+- Norms: BN (batch statistics), GN, LN; affine parameters of all norm layers except the top stage.
+- State: trainable affine parameters, SGD momentum buffers, the loss EMA (NaN = none yet). The
+  reset snapshot is the shared source model itself, so it costs no per-stream memory.
+- ``prepare`` returns a copy with BN layers swapped for :class:`adapters.layers.BatchStatsNorm`.
+- Deviations from the official code, all deliberate:
+  1. The EMA is cleared on model recovery (SAR issue #4: the reference re-assigns it after reset).
+  2. No update at all when S1 or S2 is empty (the reference still applies the SGD momentum,
+     so parameters keep drifting with no reliable sample).
+  3. The frozen top stage is found structurally, not by names (``layer4``, ``blocks.9-11``,
+     ``norm``): descend from the root while one child holds more than half of the norm layers,
+     then freeze the last child container holding norm layers and every norm layer after it
+     (ResNets: the last stage, as the reference; ViT: the last block and the final norm, where
+     the reference freezes three blocks). ``freeze="fraction"`` freezes the last
+     ``freeze_fraction`` of norm layers in module order instead; ``"none"`` trains all.
+  4. The reset threshold e_m is relative to ln C like E0 (default 0.029·ln C = 0.2 nats at
+     C = 1000, the reference's hard-coded value), so it transfers to small C.
+- ``StepInfo.adapted`` is False when a filter left no sample (the step changed nothing but the
+  step counter).
+- ``adapt=False``: one forward, same prediction, no backward, state unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.functional import (
+    Tensors,
+    drift_extra,
+    entropy,
+    entropy_margin,
+    forward,
+    grads_of,
+    norm_affine,
+    on_device,
+    prefixed,
+    qualified,
+    requiring_grad,
+    sgd_step,
+    unprefixed,
+    zeros_like_all,
+)
+from adapters.layers import BatchStatsNorm, swap_batchnorms
+from adapters.norms import NormKind, norm_kind_of, norm_layers
+from adapters.registry import register
+from adapters.tent import batch_stats_flags
+
+PARAM = "affine/"
+MOMENTUM = "momentum/"
+EMA = "ema"
+
+
+def _norm_count(module: nn.Module) -> int:
+    return sum(1 for _ in norm_layers(module))
+
+
+def top_stage_norms(model: nn.Module) -> set[str]:
+    """Qualified names of the norm layers of the model's top (last) stage, found from the module tree.
+
+    Descend from the root while a single child holds more than half of the norm layers (wrappers,
+    a ``blocks`` sequence); at that level the *stages* are the child containers holding norm
+    layers. Freeze the last one and every norm layer that follows it in module order. Returns an
+    empty set when that level has no container child (a flat model has no stages).
+    """
+    prefix = ""
+    node = model
+    while True:
+        total = _norm_count(node)
+        holders = [(n, c) for n, c in node.named_children() if _norm_count(c) > 0]
+        big = [(n, c) for n, c in holders if norm_kind_of(c) is None and 2 * _norm_count(c) > total]
+        if len(big) != 1:
+            break
+        name, node = big[0]
+        prefix = qualified(prefix, name)
+    stages = [n for n, c in holders if norm_kind_of(c) is None]
+    if not stages:
+        return set()
+    last = qualified(prefix, stages[-1])
+    names = [n for n, _ in norm_layers(model)]
+    first = next(i for i, n in enumerate(names) if n == last or n.startswith(last + "."))
+    return set(names[first:])
+
+
+def frozen_norms(model: nn.Module, freeze: str, fraction: float) -> set[str]:
+    """The norm layers SAR does not adapt, by ``freeze`` rule; always leaves at least one trainable."""
+    names = [n for n, _ in norm_layers(model)]
+    if freeze == "none" or not names:
+        return set()
+    if freeze == "last_stage":
+        frozen = top_stage_norms(model)
+        if frozen and len(frozen) < len(names):
+            return frozen
+    count = min(math.floor(fraction * len(names)), len(names) - 1)
+    return set(names[len(names) - count :]) if count > 0 else set()
+
+
+def sam_perturbation(grads: Tensors, rho: float) -> Tensors:
+    """SAM's ascent step ε = ρ·g / (‖g‖₂ + 1e-12), with one global L2 norm over all tensors."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    scale = rho / (norm + 1e-12)
+    return {k: g * scale for k, g in grads.items()}
+
+
+def ema_update(ema: float, loss: float, factor: float) -> float:
+    """EMA of the second-pass loss; NaN means no value yet (then the loss itself)."""
+    return loss if math.isnan(ema) else factor * ema + (1 - factor) * loss
+
+
+class SARConfig(MethodConfig):
+    """Official defaults (ResNet-50, B = 64); thresholds are fractions of ln C."""
+
+    lr: float = Field(0.00025, gt=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius")
+    margin_e0: float = Field(0.4, gt=0.0, le=1.0, description="reliable if entropy < margin_e0 * ln C")
+    reset_margin: float = Field(0.029, ge=0.0, le=1.0, description="reset when loss EMA < reset_margin * ln C")
+    ema_factor: float = Field(0.9, ge=0.0, lt=1.0)
+    freeze: Literal["last_stage", "fraction", "none"] = "last_stage"
+    freeze_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of norm layers frozen by 'fraction'")
+
+
+@register
+class SAR(Adapter[SARConfig]):
+    """Reliable, sharpness-aware entropy minimization with model recovery."""
+
+    name = "sar"
+    config_cls = SARConfig
+    supported_norms = frozenset(NormKind)
+    predicts = "before_update"
+    batch_size_one = "GN/LN: the intended setting (double lr as the reference); BN: instance normalization (poor)"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A copy with BN layers swapped for batch-statistics layers (input model untouched)."""
+        return swap_batchnorms(model, BatchStatsNorm)
+
+    def source_params(self, model: nn.Module) -> Tensors:
+        """The trainable affine parameters at the source: all norm layers minus the frozen top stage."""
+        frozen = frozen_norms(model, self.config.freeze, self.config.freeze_fraction)
+        return {k: v for k, v in norm_affine(model).items() if k.rpartition(".")[0] not in frozen}
+
+    def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
+        params = self.source_params(model)
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        tensors = {
+            **prefixed(PARAM, params),
+            **prefixed(MOMENTUM, zeros_like_all(params)),
+            EMA: torch.tensor(math.nan, dtype=torch.float64, device=device),
+        }
+        return StreamState(tensors, self.new_meta(seed, model_hash))
+
+    def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
+        cfg = self.config
+        tensors = on_device(state.tensors, x.device)
+        flags = batch_stats_flags(model)
+        params = unprefixed(PARAM, tensors)
+        samples = len(x)
+        if not adapt:
+            with torch.no_grad():
+                logits = forward(model, {**flags, **params}, x)
+            return StepResult(logits, state, StepInfo(False, samples, 0, extra=drift_extra(logits)))
+
+        # pass 1: prediction + reliable samples S1
+        live = requiring_grad(params)
+        logits = forward(model, {**flags, **live}, x)
+        prediction = logits.detach()
+        e0 = entropy_margin(cfg.margin_e0, logits.shape[1])
+        ent = entropy(logits)
+        s1 = ent.detach() < e0
+        extra = {**drift_extra(prediction), "reliable": float(s1.sum())}
+        ema = float(tensors[EMA])
+        if not bool(s1.any()):
+            info = StepInfo(False, samples, 0, samples_filtered=samples, extra=extra)
+            return StepResult(prediction, state.with_meta(step=state.meta.step + 1), info)
+        grads = grads_of(ent[s1].mean(), live)
+
+        # SAM ascent, pass 2 at the perturbed point, S2 within S1
+        eps = sam_perturbation(grads, cfg.rho)
+        perturbed = requiring_grad({k: params[k] + eps[k] for k in params})
+        ent2 = entropy(forward(model, {**flags, **perturbed}, x))[s1]
+        s2 = ent2.detach() < e0
+        used = int(s2.sum())
+        if used == 0:
+            info = StepInfo(False, samples, 0, forwards=2, backwards=1, samples_filtered=samples, extra=extra)
+            return StepResult(prediction, state.with_meta(step=state.meta.step + 1), info)
+        loss2 = ent2[s2].mean()
+        grads2 = grads_of(loss2, perturbed)
+        ema = ema_update(ema, float(loss2.detach()), cfg.ema_factor)
+
+        # SAM descent: SGD step at the original parameters with the perturbed gradient
+        new_params, new_mom = sgd_step(
+            params, grads2, unprefixed(MOMENTUM, tensors), cfg.lr, cfg.momentum, cfg.weight_decay
+        )
+        resets = 0
+        if ema < entropy_margin(cfg.reset_margin, logits.shape[1]):
+            fresh = self.init_state(model, state.meta.seed, state.meta.model_hash)
+            new_params, new_mom = unprefixed(PARAM, fresh.tensors), unprefixed(MOMENTUM, fresh.tensors)
+            ema, resets = math.nan, 1
+        new = {
+            **prefixed(PARAM, new_params),
+            **prefixed(MOMENTUM, new_mom),
+            EMA: torch.tensor(ema, dtype=torch.float64, device=x.device),
+        }
+        if not math.isnan(ema):
+            extra["loss_ema"] = ema
+        info = StepInfo(
+            True, samples, used, resets=resets, forwards=2, backwards=2, samples_filtered=samples - used, extra=extra
+        )
+        return StepResult(prediction, StreamState(new, state.meta).with_meta(step=state.meta.step + 1), info)
+
+    def export_tensors(self, state: StreamState) -> tuple[int, dict[str, torch.Tensor]]:
+        """The adapted norm affine parameters under the model's names; version = adaptation step."""
+        return state.meta.step, unprefixed(PARAM, state.tensors)

@@ -1,0 +1,223 @@
+"""``unmix_tns``: UnMix-TNS, mixture-of-components test-time normalization (Tomar et al., ICLR 2024).
+
+Every BN layer keeps K statistics components (μ_k, σ²_k). Each sample is normalized with its
+own statistics: its instance statistics mixed with every component by a cosine-similarity
+softmax, combined by the law of total variance; then all components move towards the
+instances, weighted by the same assignment. Training-free, one forward.
+
+- Prediction: made in the same pass that updates the components, with statistics mixed from this
+  sample's instance statistics and the *pre-update* components (``predicts = "after_update"``:
+  this batch shapes its own normalization; the component update is used from the next batch on).
+- Batch size 1: works (the components provide batch-like statistics). The momentum is corrected
+  for the batch size of *each call*: M = 1 − (1 − m)^(B / batch_size_max), so single images adapt
+  slowly (M ≈ 0.00165 with the defaults), and mixed batch sizes in one stream stay consistent.
+- Norms: BN only (GN/LN rejected). ``BatchNorm1d`` layers (no spatial dimensions, hence no
+  instance statistics) keep the source statistics and have no components, as in the reference.
+- State: per BN layer a K×C mean matrix and a K×C variance matrix; nothing else.
+- ``prepare`` returns a copy with BN layers swapped for :class:`UnMixBatchNorm`.
+- Deviations from the official ``unmixtns.py``: (1) M is recomputed from the actual batch size
+  of each call instead of being fixed at construction (tta-methods.md §2.3 suggests it);
+  (2) the random component initialization is seeded per stream (``init_state``'s seed) on the
+  CPU generator, so it is reproducible and device-independent; (3) τ and α_init, hard-coded in
+  the reference, are config fields with the reference values as defaults; (4) the assignment and
+  the update follow the code (all K components updated, weighted by p), not the paper's
+  "closest component" prose.
+- ``adapt=False``: the same prediction, the components are not updated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.functional import Tensors, cloned, drift_extra, forward, on_device, qualified
+from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
+from adapters.norms import NormKind
+from adapters.registry import register
+
+MEANS = "unmix_means"
+VARS = "unmix_vars"
+HYPER = "unmix_hyper"
+DEFAULT_BN_MOMENTUM = 0.1
+
+
+def init_components(
+    source_mean: torch.Tensor, source_var: torch.Tensor, k: int, alpha_init: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K components whose uniform mixture has the source mean and variance in expectation.
+
+    μ_k = μ_s + sqrt(α·K/(K−1))·σ_s·ε_k (ε ~ N(0, I), drawn on ``generator``), σ²_k = (1 − α)·σ²_s;
+    K = 1 gives the source statistics exactly.
+    """
+    if k == 1:
+        return source_mean.detach().clone()[None], source_var.detach().clone()[None]
+    noise = torch.randn((k, source_mean.numel()), generator=generator, dtype=torch.float32)
+    noise = noise.to(device=source_mean.device, dtype=source_mean.dtype)
+    spread = math.sqrt(alpha_init * k / (k - 1))
+    means = source_mean[None] + spread * source_var.sqrt()[None] * noise
+    variances = ((1 - alpha_init) * source_var)[None].expand(k, -1).clone()
+    return means.detach(), variances.detach()
+
+
+def assignment(instance_mean: torch.Tensor, means: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """p (B×K): softmax over components of cos(μ̃_b, μ_k)/τ, comparing means only (L2-normalized over C)."""
+    sim = F.normalize(instance_mean, dim=1) @ F.normalize(means, dim=1).T
+    return F.softmax(sim / temperature, dim=1)
+
+
+def mixed_statistics(
+    p: torch.Tensor,
+    instance_mean: torch.Tensor,
+    instance_var: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample statistics (B×C) from the per-component mixes (law of total variance over K)."""
+    pk = p[:, :, None]
+    m = (1 - pk) * means[None] + pk * instance_mean[:, None, :]
+    v = (1 - pk) * variances[None] + pk * instance_var[:, None, :]
+    mean = m.mean(dim=1)
+    var = v.mean(dim=1) + (m * m).mean(dim=1) - mean * mean
+    return mean, var.clamp_min(0.0)
+
+
+def update_components(
+    p: torch.Tensor,
+    instance_mean: torch.Tensor,
+    instance_var: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    momentum: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ_k += M·mean_b[p_bk(μ̃_b − μ_k)], σ²_k += M·mean_b[p_bk(σ̃²_b − σ²_k)], for every k."""
+    batch = p.shape[0]
+    weight = p.sum(dim=0)[:, None]
+    new_means = means + momentum * (p.T @ instance_mean - weight * means) / batch
+    new_vars = variances + momentum * (p.T @ instance_var - weight * variances) / batch
+    return new_means, new_vars
+
+
+def batch_momentum(
+    base: torch.Tensor | float, batch: int, batch_size_max: torch.Tensor | float
+) -> torch.Tensor | float:
+    """M = 1 − (1 − m)^(B / B_max), from the actual batch size B of this call."""
+    return 1 - (1 - base) ** (batch / batch_size_max)
+
+
+class UnMixBatchNorm(StreamBatchNorm):
+    """BN with K per-stream statistics components and per-instance mixed statistics.
+
+    Per-call tensors: ``unmix_means`` and ``unmix_vars`` (K×C, updated in place: the caller
+    passes clones) and ``unmix_hyper`` = [τ, base momentum m, batch_size_max]. Absent
+    components -> the source layer.
+    """
+
+    unmix_means: torch.Tensor | None
+    unmix_vars: torch.Tensor | None
+    unmix_hyper: torch.Tensor | None
+
+    def __init__(self, source: _BatchNorm) -> None:
+        super().__init__(source)
+        self.register_buffer(MEANS, None)
+        self.register_buffer(VARS, None)
+        self.register_buffer(HYPER, None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        means, variances, hyper = self.unmix_means, self.unmix_vars, self.unmix_hyper
+        dims = self.instance_dims(input)
+        if means is None or variances is None or hyper is None or not dims:
+            return self.source_forward(input)
+        instance_var, instance_mean = torch.var_mean(input, dim=dims, correction=0)
+        with torch.no_grad():
+            p = assignment(instance_mean.detach(), means, hyper[0])
+        mean, var = mixed_statistics(p, instance_mean, instance_var, means, variances)
+        with torch.no_grad():
+            momentum = batch_momentum(hyper[1], input.shape[0], hyper[2])
+            new_means, new_vars = update_components(
+                p, instance_mean.detach(), instance_var.detach(), means, variances, momentum
+            )
+            means.copy_(new_means)
+            variances.copy_(new_vars)
+        return self.normalize(input, mean, var)
+
+
+class UnMixTNSConfig(MethodConfig):
+    """Official defaults (CIFAR: K = 16, B_max = 64; use K = 128 for mixed-domain streams)."""
+
+    num_components: int = Field(16, ge=1, le=512, description="K statistics components per BN layer")
+    temperature: float = Field(0.07, gt=0.0, le=10.0, description="softmax temperature τ of the assignment")
+    alpha_init: float = Field(0.5, ge=0.0, lt=1.0, description="share of source variance spread between components")
+    batch_size_max: int = Field(64, ge=1, le=65536, description="B_max of the momentum correction")
+    base_momentum: float | None = Field(
+        None, ge=0.0, le=1.0, description="m of the momentum correction; None = each BN layer's own momentum"
+    )
+
+
+@register
+class UnMixTNS(Adapter[UnMixTNSConfig]):
+    """Per-instance normalization with statistics mixed from K per-stream components."""
+
+    name = "unmix_tns"
+    config_cls = UnMixTNSConfig
+    supported_norms = frozenset({NormKind.BN})
+    predicts = "after_update"
+    batch_size_one = "works: components supply batch-like statistics; momentum scales with B (slow at B=1)"
+
+    def check_model(self, model: nn.Module) -> None:
+        super().check_model(model)
+        check_source_statistics(model)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A copy with BN layers swapped for :class:`UnMixBatchNorm` (input model untouched)."""
+        return swap_batchnorms(model, UnMixBatchNorm)
+
+    def _component_layers(self, model: nn.Module) -> list[tuple[str, UnMixBatchNorm]]:
+        """Swapped layers that get components: all but BatchNorm1d, which has no instance statistics."""
+        out: list[tuple[str, UnMixBatchNorm]] = []
+        for name in prepared_layers(model, UnMixBatchNorm):
+            layer = model.get_submodule(name) if name else model
+            if isinstance(layer, UnMixBatchNorm) and not layer.replaces_1d:
+                out.append((name, layer))
+        return out
+
+    def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
+        """Seeded components for every adapted BN layer (drawn in model order on one CPU generator)."""
+        cfg = self.config
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        tensors: Tensors = {}
+        for name, layer in self._component_layers(model):
+            source_mean, source_var = layer.source_stats()
+            means, variances = init_components(source_mean, source_var, cfg.num_components, cfg.alpha_init, generator)
+            tensors[qualified(name, MEANS)] = means
+            tensors[qualified(name, VARS)] = variances
+        return StreamState(tensors, self.new_meta(seed, model_hash))
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
+        cfg = self.config
+        components = cloned(on_device(state.tensors, x.device))  # the layers update these in place
+        call = dict(components)
+        for name, layer in self._component_layers(model):
+            base = cfg.base_momentum
+            if base is None:
+                base = layer.momentum if layer.momentum is not None else DEFAULT_BN_MOMENTUM
+            call[qualified(name, HYPER)] = torch.tensor(
+                [cfg.temperature, base, float(cfg.batch_size_max)], device=x.device
+            )
+        logits = forward(model, call, x)
+        info = StepInfo(adapted=adapt, samples=len(x), samples_used=len(x) if adapt else 0, extra=drift_extra(logits))
+        if not adapt:
+            return StepResult(logits, state, info)
+        new_state = StreamState(components, state.meta).with_meta(step=state.meta.step + 1)
+        return StepResult(logits, new_state, info)
+
+    def export_tensors(self, state: StreamState) -> tuple[int, dict[str, torch.Tensor]]:
+        """Not loadable into a plain model (the components need :class:`UnMixBatchNorm`): empty."""
+        return state.meta.step, {}

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from tests.api.helpers import NPY, npy_bytes, random_images
+
+
+def create(client: TestClient, **body: object) -> dict[str, object]:
+    r = client.post("/v1/streams", json={"model": "resnet20", "method": "bn", **body})
+    assert r.status_code == 201, r.text
+    data: dict[str, object] = r.json()
+    return data
+
+
+def test_create_get_list_delete(client: TestClient) -> None:
+    made = create(client, stream_id="cam-1", metadata={"site": "north"})
+    assert made["stream_id"] == "cam-1" and made["steps"] == 0 and made["metadata"] == {"site": "north"}
+    generated = create(client)
+    assert isinstance(generated["stream_id"], str) and len(generated["stream_id"]) == 16
+    page = client.get("/v1/streams", params={"limit": 1}).json()
+    assert page["total"] == 2 and len(page["streams"]) == 1 and page["streams"][0]["stream_id"] == "cam-1"
+    assert client.get("/v1/streams", params={"offset": 1}).json()["streams"][0]["stream_id"] == generated["stream_id"]
+    got = client.get("/v1/streams/cam-1").json()
+    assert got["model"] == "resnet20" and got["method"] == "bn" and got["drift"]["images"] == 0
+    assert client.delete("/v1/streams/cam-1").status_code == 204
+    r = client.get("/v1/streams/cam-1")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert client.delete("/v1/streams/cam-1").status_code == 404
+
+
+def test_duplicate_id_is_409_and_changes_nothing(client: TestClient) -> None:
+    create(client, stream_id="dup")
+    r = client.post("/v1/streams", json={"model": "resnet20", "method": "source", "stream_id": "dup"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    assert client.get("/v1/streams/dup").json()["method"] == "bn"
+
+
+def test_registration_errors_are_422_with_reasons(client: TestClient) -> None:
+    cases = [
+        ({"model": "nope", "method": "bn"}, "unknown model 'nope'"),
+        ({"model": "resnet20", "method": "nope"}, "unknown method 'nope'"),
+        ({"model": "resnet20", "method": "alpha_bn", "config": {"source_weight": 7}}, "source_weight"),
+        ({"model": "resnet20", "method": "bn", "config": {"bogus": 1}}, "bogus"),
+        ({"model": "resnet20", "method": "bn", "stream_id": "bad id!"}, "stream_id"),
+        ({"model": "resnet20"}, "method"),
+    ]
+    for body, needle in cases:
+        r = client.post("/v1/streams", json=body)
+        assert r.status_code == 422, (body, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "validation_error" and needle in error["message"] + str(error["detail"]), r.text
+    assert client.get("/v1/streams").json()["total"] == 0
+
+
+def test_method_that_cannot_adapt_the_norm_type_is_refused(client: TestClient) -> None:
+    # resnet20 is a BN model; a method without BN support must be refused at registration
+    methods = client.get("/v1/methods").json()["methods"]
+    no_bn = [m["name"] for m in methods if "bn" not in m["supported_norms"]]
+    for name in no_bn:
+        r = client.post("/v1/streams", json={"model": "resnet20", "method": name})
+        assert r.status_code == 422 and "bn" in r.json()["error"]["message"]
+
+
+def test_methods_list_schema_and_defaults(client: TestClient) -> None:
+    methods = {m["name"]: m for m in client.get("/v1/methods").json()["methods"]}
+    assert {"source", "bn"} <= set(methods)
+    assert methods["bn"]["config_schema"]["type"] == "object"
+    if "alpha_bn" in methods:
+        assert methods["alpha_bn"]["defaults"]["source_weight"] == 0.9
+
+
+def test_reset_and_state_round_trip(client: TestClient) -> None:
+    create(client, stream_id="s", method="source")
+    for _ in range(2):
+        assert client.post("/v1/streams/s/predict", content=npy_bytes(random_images(2)), headers=NPY).status_code == 200
+    exported = client.get("/v1/streams/s/state")
+    assert exported.status_code == 200 and exported.headers["x-state-version"] == "2"
+    imported = client.put("/v1/streams/s/state", content=exported.content)
+    assert imported.status_code == 200 and imported.json() == {"stream_id": "s", "step": 2, "version": 3}
+    reset = client.post("/v1/streams/s/reset").json()
+    assert reset["version"] == 4
+
+
+def test_state_import_rejects_foreign_or_broken_state(client: TestClient) -> None:
+    create(client, stream_id="a", method="bn")
+    create(client, stream_id="b", method="source")
+    client.post("/v1/streams/a/predict", content=npy_bytes(random_images(2)), headers=NPY)
+    foreign = client.get("/v1/streams/a/state").content
+    before = client.get("/v1/streams/b").json()
+    r = client.put("/v1/streams/b/state", content=foreign)
+    assert r.status_code == 422 and "method 'bn'" in r.json()["error"]["message"]
+    r = client.put("/v1/streams/b/state", content=b"not safetensors")
+    assert r.status_code == 422 and "malformed" in r.json()["error"]["message"]
+    assert client.get("/v1/streams/b").json() == before
+
+
+def test_drift_endpoint_reports_windows(client: TestClient) -> None:
+    create(client, stream_id="d")
+    images = np.concatenate([random_images(8, seed=s) for s in range(3)])
+    client.post("/v1/streams/d/predict", content=npy_bytes(images), headers=NPY)
+    drift = client.get("/v1/streams/d/drift").json()
+    assert drift["short"]["images"] == 24 and drift["lifetime_images"] == 24
+    assert 0 <= drift["short"]["entropy_mean"] <= np.log(10) + 1e-6
+    assert 0 < drift["short"]["confidence_mean"] <= 1
+    assert abs(sum(drift["short"]["class_distribution"]) - 1) < 1e-3
+    # the first batch is sampled against the source model: disagreement and BN shift exist
+    assert 0 <= drift["short"]["source_disagreement"] <= 1 and drift["short"]["bn_shift"] > 0
+    assert client.get("/v1/streams/missing/drift").status_code == 404
