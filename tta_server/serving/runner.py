@@ -28,9 +28,13 @@ from adapters.serialize import state_from_bytes, state_to_bytes
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
 from tta_server.serving.drift import BatchSignals, DriftTracker, entropy_and_confidence
-from tta_server.state.base import StateStore, StreamKey, StreamRecord
+from tta_server.state.base import StateStore, StreamKey, StreamRecord, VersionConflictError
 from tta_server.zoo.catalogue import LoadedModel
 from tta_server.zoo.transforms import normalize, to_tensor_batch
+
+
+CAS_ATTEMPTS = 5
+"""How often a batch is recomputed when another replica wrote the stream concurrently."""
 
 
 @dataclass(frozen=True)
@@ -108,21 +112,36 @@ class StreamRunner:
 
     # -- the hot path ---------------------------------------------------------------------
     def run_batch(self, key: StreamKey, images: np.ndarray, adapt: bool) -> BatchOutput:
-        """Predict (and adapt) one batch of uint8 NHWC images for stream ``key``."""
+        """Predict (and adapt) one batch of uint8 NHWC images for stream ``key``.
+
+        The write is a compare-and-set on the version the step started from. If another
+        replica wrote the stream in between, the step is recomputed from the newer state
+        (up to ``CAS_ATTEMPTS`` times), so no acknowledged adaptation step is ever lost.
+        """
         record = self.store.get_stream(key)
         loaded, adapter, prepared = self._context(record)
-        state, version, seen = self.current_state(record)
         spec = loaded.spec
         x = normalize(to_tensor_batch(images).to(self.hub.device), spec.mean, spec.std, spec.input_size)
-        started = time.perf_counter()
-        result = adapter.step(prepared, x, state, adapt=adapt)
-        probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
         labels = (record.model, record.method)
-        self.metrics.inference.labels(*labels).observe(time.perf_counter() - started)
+        for attempt in range(1, CAS_ATTEMPTS + 1):
+            state, version, seen = self.current_state(record)
+            started = time.perf_counter()
+            result = adapter.step(prepared, x, state, adapt=adapt)
+            elapsed = time.perf_counter() - started
+            if not adapt:
+                new_version = version
+                break
+            try:
+                new_version = self.store.save_state(key, result.state, version, seen + len(images))
+                break
+            except VersionConflictError:
+                self.metrics.store_errors.labels("version_conflict").inc()
+                if attempt == CAS_ATTEMPTS:
+                    raise
+        probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
+        self.metrics.inference.labels(*labels).observe(elapsed)
         self.metrics.images.labels(*labels).inc(len(images))
-        new_version = version
         if adapt:
-            new_version = self.store.save_state(key, result.state, version, seen + len(images))
             self.metrics.state_bytes.labels(*labels).observe(result.state.nbytes())
         info = result.info
         if info.adapted:
