@@ -32,7 +32,6 @@ from tta_server.state.base import StateStore, StreamKey, StreamRecord, VersionCo
 from tta_server.zoo.catalogue import LoadedModel
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
-
 CAS_ATTEMPTS = 5
 """How often a batch is recomputed when another replica wrote the stream concurrently."""
 
