@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load, save_file
 
 from tests.api.helpers import NPY, npy_bytes, random_images
+from tta_server.app import create_app
+from tta_server.settings import Settings
+from tta_server.zoo.resnet_cifar import cifar_resnet
 
 
 def create(client: TestClient, **body: object) -> dict[str, object]:
@@ -53,13 +62,48 @@ def test_registration_errors_are_422_with_reasons(client: TestClient) -> None:
     assert client.get("/v1/streams").json()["total"] == 0
 
 
-def test_method_that_cannot_adapt_the_norm_type_is_refused(client: TestClient) -> None:
-    # resnet20 is a BN model; a method without BN support must be refused at registration
-    methods = client.get("/v1/methods").json()["methods"]
-    no_bn = [m["name"] for m in methods if "bn" not in m["supported_norms"]]
-    for name in no_bn:
-        r = client.post("/v1/streams", json={"model": "resnet20", "method": name})
-        assert r.status_code == 422 and "bn" in r.json()["error"]["message"]
+@pytest.fixture
+def gn_client(settings: Settings, tmp_path: Path) -> Iterator[TestClient]:
+    """A server whose catalogue has a GroupNorm model (a small untrained CIFAR ResNet)."""
+    save_file(cifar_resnet(20, "gn").state_dict(), str(tmp_path / "gn.safetensors"))
+    entry = {
+        "name": "tiny-gn",
+        "arch": "cifar_resnet20",
+        "norm": "gn",
+        "weights": "gn.safetensors",
+        "classes": [str(i) for i in range(10)],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
+    (tmp_path / "models.json").write_text(json.dumps({"models": [entry]}))
+    with TestClient(create_app(settings.model_copy(update={"model_config_file": tmp_path / "models.json"}))) as c:
+        yield c
+
+
+def test_method_that_cannot_adapt_the_norm_type_is_refused(gn_client: TestClient) -> None:
+    methods = {m["name"]: m for m in gn_client.get("/v1/methods").json()["methods"]}
+    bn_only = [name for name, m in methods.items() if m["supported_norms"] == ["bn"]]
+    assert {"bn", "alpha_bn", "unmix_tns", "adab2n"} <= set(bn_only)
+    for name in bn_only:
+        r = gn_client.post("/v1/streams", json={"model": "tiny-gn", "method": name})
+        assert r.status_code == 422, r.text
+        assert f"method '{name}' adapts bn layers; the model has gn" in r.json()["error"]["message"]
+    for name in ("source", "tent", "sar"):
+        assert gn_client.post("/v1/streams", json={"model": "tiny-gn", "method": name}).status_code == 201
+    assert gn_client.get("/v1/streams").json()["total"] == 3
+
+
+def test_parameters_export_for_edge_devices(gn_client: TestClient) -> None:
+    gn_client.post("/v1/streams", json={"model": "tiny-gn", "method": "tent", "stream_id": "edge"})
+    before = gn_client.get("/v1/streams/edge/parameters")
+    gn_client.post("/v1/streams/edge/predict", content=npy_bytes(random_images(8)), headers=NPY)
+    after = gn_client.get("/v1/streams/edge/parameters")
+    assert before.status_code == after.status_code == 200
+    assert int(after.headers["x-parameters-version"]) > int(before.headers["x-parameters-version"])
+    tensors = load(after.content)
+    model = cifar_resnet(20, "gn")
+    _, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and tensors and all(k.endswith(("weight", "bias")) for k in tensors)
 
 
 def test_methods_list_schema_and_defaults(client: TestClient) -> None:

@@ -148,6 +148,24 @@ async def export_state(stream_id: str, services: ServicesDep, principal: Princip
     return Response(blob, media_type="application/octet-stream", headers=headers)
 
 
+@router.get(
+    "/{stream_id}/parameters",
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors bytes"}, **ERRORS},
+    summary="Adapted parameters under the model's own names, for an edge device to load",
+)
+async def export_parameters(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    """``model.load_state_dict(tensors, strict=False)`` applies them; ``X-Parameters-Version``
+    increases whenever they change, so an edge device pulls only when it is behind."""
+    key = stream_key(principal, stream_id)
+    services.store.get_stream(key)
+    blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_parameters(key))
+    headers = {
+        "Content-Disposition": f'attachment; filename="{stream_id}-parameters.safetensors"',
+        "X-Parameters-Version": str(version),
+    }
+    return Response(blob, media_type="application/octet-stream", headers=headers)
+
+
 @router.put(
     "/{stream_id}/state",
     response_model=StateImported,

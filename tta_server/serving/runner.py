@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from adapters import create_adapter
@@ -200,6 +201,16 @@ class StreamRunner:
         """The stream's state as safetensors bytes, and its version."""
         state, version, _ = self.current_state(self.store.get_stream(key))
         return state_to_bytes(state), version
+
+    def export_parameters(self, key: StreamKey) -> tuple[bytes, int]:
+        """The adapted tensors under the model's own names (for an edge device), and their version."""
+        record = self.store.get_stream(key)
+        _, adapter, _ = self._context(record)
+        state, _, _ = self.current_state(record)
+        version, tensors = adapter.export_tensors(state)
+        payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"method": record.method, "model": record.model, "version": str(version)}
+        return save_tensors(payload, metadata=meta), version
 
     def import_state(self, key: StreamKey, blob: bytes) -> tuple[int, int]:
         """Replace the stream's state with ``blob`` after checking it fits; returns (step, version)."""
