@@ -12,16 +12,19 @@ statistics as the released dataset.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 BorderMode = Literal["nearest", "reflect", "mirror"]
-"""How indices past the edge are folded back: ``nearest`` repeats the edge pixel, ``reflect``
+"""How pixels past the edge are made up: ``nearest`` repeats the edge pixel, ``reflect``
 mirrors about the edge (``d c b a | a b c d``, SciPy's ``reflect``), ``mirror`` mirrors about
 the edge pixel (``d c b | a b c d``, OpenCV's ``BORDER_REFLECT_101``, SciPy's ``mirror``)."""
+MirrorMode = Literal["reflect", "mirror"]
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
@@ -47,52 +50,25 @@ def gaussian_blur(x: np.ndarray, sigma: float, mode: BorderMode = "nearest", tru
     return out
 
 
-def fold_indices(idx: np.ndarray, size: int, mode: BorderMode) -> np.ndarray:
-    """Map integer indices (any, including negative) into ``[0, size)`` with a border rule."""
-    if size == 1:
-        return np.zeros_like(idx)
-    if mode == "nearest":
-        return np.clip(idx, 0, size - 1)
-    if mode == "mirror":
-        period = 2 * (size - 1)
-        folded = np.mod(idx, period)
-        return np.where(folded >= size, period - folded, folded)
-    period = 2 * size
-    folded = np.mod(idx, period)
-    return np.where(folded >= size, period - 1 - folded, folded)
-
-
-def gather_pixels(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``images[n, rows[n, i, j], cols[n, i, j]]`` for an ``N x H x W x C`` batch, via one flat take.
-
-    One ``take_along_axis`` on the flattened pixel axis is several times faster than
-    three-array fancy indexing, which matters because sampling-based corruptions do
-    four to twenty such gathers over the whole batch.
-    """
-    n, h, w, c = images.shape
-    flat = images.reshape(n, h * w, c)
-    index = (rows * w + cols).reshape(n, -1, 1)
-    return np.take_along_axis(flat, index, axis=1).reshape(n, *rows.shape[1:], c)
-
-
-def sample_bilinear(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: BorderMode) -> np.ndarray:
+def sample_bilinear(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: MirrorMode) -> np.ndarray:
     """Bilinear interpolation of ``N x H x W x C`` images at fractional ``rows``/``cols`` (``N x h x w``).
 
-    Neighbours outside the image are folded back with ``mode``, as OpenCV's ``warpAffine``
-    and SciPy's order-1 ``map_coordinates`` do.
+    Runs as one torch ``grid_sample`` call. Coordinates outside the image are reflected: for
+    ``mirror`` about the edge pixel centres (``align_corners=True``), which is OpenCV's
+    ``warpAffine`` with ``BORDER_REFLECT_101``; for ``reflect`` about the image border
+    (``align_corners=False``), which is SciPy's order-1 ``map_coordinates(mode="reflect")``.
+    Both equivalences were checked numerically to float32 precision.
     """
     _, h, w, _ = images.shape
-    r0 = np.floor(rows)
-    c0 = np.floor(cols)
-    fr = (rows - r0).astype(np.float32)[..., None]
-    fc = (cols - c0).astype(np.float32)[..., None]
-    r0i, c0i = r0.astype(np.int64), c0.astype(np.int64)
-    ra, rb = fold_indices(r0i, h, mode), fold_indices(r0i + 1, h, mode)
-    ca, cb = fold_indices(c0i, w, mode), fold_indices(c0i + 1, w, mode)
-    top = gather_pixels(images, ra, ca) * (1 - fc) + gather_pixels(images, ra, cb) * fc
-    bottom = gather_pixels(images, rb, ca) * (1 - fc) + gather_pixels(images, rb, cb) * fc
-    out: np.ndarray = top * (1 - fr) + bottom * fr
-    return out
+    if mode == "mirror":
+        gx, gy = 2 * cols / max(w - 1, 1) - 1, 2 * rows / max(h - 1, 1) - 1
+    else:
+        gx, gy = (2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1
+    t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))
+    with torch.no_grad():
+        out = F.grid_sample(t, grid, mode="bilinear", padding_mode="reflection", align_corners=mode == "mirror")
+    return np.ascontiguousarray(out.numpy().transpose(0, 2, 3, 1))
 
 
 def filter2d(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -127,6 +103,25 @@ def zoom_matrix(size: int, factor: float) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def zoom_sum(x: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+    """Sum over ``factors`` of :func:`clipped_zoom` of an ``N x H x W x C`` batch.
+
+    The batch is laid out once as ``H x (N * C * W)`` so that each zoom is two large matrix
+    products (width, then height) with no transposes in between: about 4 GFLOP per factor
+    for 10,000 CIFAR images, where per-image interpolation calls would take minutes.
+    """
+    n, h, w, c = x.shape
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 3, 2), dtype=np.float32))
+    total = torch.zeros_like(t)
+    with torch.no_grad():
+        for factor in factors:
+            rows = torch.from_numpy(zoom_matrix(h, float(factor)))
+            cols_t = torch.from_numpy(np.ascontiguousarray(zoom_matrix(w, float(factor)).T))
+            across = torch.matmul(t.reshape(-1, w), cols_t).reshape(h, -1)
+            total += torch.matmul(rows, across).reshape(h, n, c, w)
+    return np.ascontiguousarray(total.numpy().transpose(1, 0, 3, 2))
+
+
 def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
     """Zoom into the centre of every ``N x H x W x C`` image by ``factor`` (>= 1), keeping the size.
 
@@ -134,19 +129,7 @@ def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
     interpolation to ``round(crop * factor)`` pixels, SciPy ``zoom`` style (corner pixels map
     to corner pixels), then keeps the central ``H`` pixels; likewise for the width.
     """
-    n, h, w, c = x.shape
-    rows = zoom_matrix(h, factor)
-    cols = zoom_matrix(w, factor)
-    if np.array_equal(rows, np.eye(h)) and np.array_equal(cols, np.eye(w)):
-        return np.array(x, dtype=np.float32)
-    # Width first, as one GEMM over all rows (the channel axis rides along through a Kronecker
-    # product), then height as a batched product; both beat per-image interpolation by far.
-    across = torch.from_numpy(np.kron(cols, np.eye(c, dtype=np.float32)).T.copy())
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    with torch.no_grad():
-        wide = torch.matmul(t.reshape(n * h, w * c), across).reshape(n, h, w * c)
-        out = torch.matmul(torch.from_numpy(rows), wide).reshape(n, h, w, c)
-    return out.numpy()
+    return zoom_sum(x, [factor])
 
 
 def motion_blur(x: np.ndarray, radius: int, sigma: float, angles_deg: np.ndarray) -> np.ndarray:
