@@ -15,11 +15,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from tta_server.evaluation.cli import eval_command, report_command
 from tta_server.settings import DeviceChoice, Settings
 from tta_server.training.cli import train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Test-time adaptation inference server.")
 app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("report")(report_command)
 console = Console()
 err_console = Console(stderr=True)
 

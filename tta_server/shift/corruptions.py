@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from tta_server.shift.domains import CLEAN, CORRUPTIONS, SEVERITIES, CorruptionError, Domain, check_corruption
 from tta_server.shift.frost import FROST_FILES, frost_scale, frost_textures
 from tta_server.shift.primitives import (
     clipped_zoom,
@@ -40,35 +40,12 @@ from tta_server.shift.primitives import (
     zoom_sum,
 )
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
-"""CIFAR-10-C's corruptions in the protocol's order (the order of the ``continual`` stream)."""
-
-CLEAN = "none"
-"""The name of the uncorrupted domain (``--corruptions none`` or ``--severity 0``)."""
-
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 CHUNK_SIZE = 2048
 """Images corrupted per call: bounds float32 temporaries (~25 MB each) for any dataset size."""
 
 
-class CorruptionError(ValueError):
-    """An unknown corruption name, a severity outside 1-5, or images that are not uint8 NxHxWx3."""
+CORRUPTION_VERSION = 1
+"""Bumped whenever a corruption's output changes, so cached sets from older code are not reused."""
 
 
 class Blur(NamedTuple):
@@ -179,13 +156,12 @@ def _disk_kernel(radius: float, alias_sigma: float) -> np.ndarray:
     xx, yy = np.meshgrid(taps, taps)
     disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)
     disk /= disk.sum()
-    ksize = 3 if radius <= 8 else 5
-    g = np.exp(-((np.arange(ksize) - ksize // 2) ** 2) / (2.0 * alias_sigma**2))
-    blurred = ndimage.correlate1d(disk, g / g.sum(), axis=0, mode="mirror")
-    blurred = ndimage.correlate1d(blurred, g / g.sum(), axis=1, mode="mirror")
+    ksize = 3 if radius <= 8 else 5  # OpenCV GaussianBlur(ksize, sigma), reflected borders
+    blurred = gaussian_blur(disk[None], alias_sigma, mode="mirror", radius=ksize // 2)[0]
     support = np.nonzero(np.abs(blurred) > 1e-12)
     trim = int(min(min(s.min(), blurred.shape[0] - 1 - s.max()) for s in support))
-    return blurred[trim : blurred.shape[0] - trim, trim : blurred.shape[1] - trim].astype(np.float32)
+    kernel: np.ndarray = blurred[trim : blurred.shape[0] - trim, trim : blurred.shape[1] - trim].astype(np.float32)
+    return kernel
 
 
 def defocus_blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -195,32 +171,50 @@ def defocus_blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.n
     return to_uint8(filter2d(to_unit(x), _disk_kernel(p.radius, p.alias_sigma)))
 
 
-def glass_blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Frosted glass: blur, locally scramble pixels, blur again.
+def scramble_pixels(
+    img: np.ndarray, delta: int, iterations: int, rng: np.random.Generator, sequential: bool = False
+) -> np.ndarray:
+    """Glass blur's local pixel scrambling, in place on a uint8 ``N x H x W x C`` batch.
 
-    The scrambling visits pixels in descending raster order and copies into each the pixel at
-    a random offset in ``[-delta, delta)`` (see the module docstring). The loop runs over
-    pixel positions only; each step moves that position in every image of the batch at once.
+    Positions are visited in descending raster order (rows ``H - delta`` down to ``delta + 1``,
+    likewise columns) and each receives the pixel at a random offset in ``[-delta, delta)``.
+    For ``delta == 1`` (every CIFAR-10-C severity) the offsets are 0 or -1, so every source
+    pixel lies above or left of its target and has not been written yet when it is read: the
+    sequential pass equals one gather per iteration, which is what runs. Other deltas (or
+    ``sequential=True``, used by the tests to check that equality) loop over positions,
+    each step moving that position in every image of the batch at once.
     """
-    p = GLASS[severity - 1]
-    img = to_uint8(gaussian_blur(to_unit(x), p.sigma))
     n, h, w, _ = img.shape
-    rows = range(h - p.delta, p.delta, -1)
-    cols = range(w - p.delta, p.delta, -1)
-    offsets = rng.integers(-p.delta, p.delta, size=(p.iterations, len(rows), len(cols), 2, n), dtype=np.int16)
+    rows = np.arange(h - delta, delta, -1)
+    cols = np.arange(w - delta, delta, -1)
+    offsets = rng.integers(-delta, delta, size=(iterations, len(rows), len(cols), 2, n), dtype=np.int16)
     batch = np.arange(n)
-    for it in range(p.iterations):
+    for it in range(iterations):
+        if delta == 1 and not sequential:
+            dx = offsets[it, :, :, 0].transpose(2, 0, 1)
+            dy = offsets[it, :, :, 1].transpose(2, 0, 1)
+            source = img[batch[:, None, None], rows[None, :, None] + dy, cols[None, None, :] + dx]
+            img[:, rows[:, None], cols[None, :]] = source
+            continue
         for i, r in enumerate(rows):
             for j, c in enumerate(cols):
-                dx, dy = offsets[it, i, j]
-                img[:, r, c] = img[batch, r + dy, c + dx]
+                dx_n, dy_n = offsets[it, i, j]
+                img[:, r, c] = img[batch, r + dy_n, c + dx_n]
+    return img
+
+
+def glass_blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Frosted glass: blur, locally scramble pixels (:func:`scramble_pixels`), blur again."""
+    p = GLASS[severity - 1]
+    img = to_uint8(gaussian_blur(to_unit(x), p.sigma))
+    scramble_pixels(img, p.delta, p.iterations, rng)
     return to_uint8(gaussian_blur(to_unit(img), p.sigma))
 
 
 def motion_blur_corruption(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Camera shake: ImageMagick-style motion blur at a random angle in [-45, 45) degrees per image."""
     p = MOTION[severity - 1]
-    angles = rng.uniform(*MOTION_ANGLE, size=len(x))
+    angles = rng.uniform(MOTION_ANGLE[0], MOTION_ANGLE[1], size=len(x))
     return to_uint8(motion_blur(to_unit(x), p.radius, p.sigma, angles))
 
 
@@ -254,7 +248,7 @@ def snow(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
         flakes = clipped_zoom(flakes, p.zoom)
     flakes[flakes < p.threshold] = 0
     flakes8 = to_uint8(flakes).astype(np.float32)
-    angles = rng.uniform(*SNOW_ANGLE, size=n)
+    angles = rng.uniform(SNOW_ANGLE[0], SNOW_ANGLE[1], size=int(n))
     streaks = np.rint(motion_blur(flakes8, p.blur_radius, p.blur_sigma, angles)) / np.float32(255.0)
     whitened = np.maximum(u, _gray(u) * 1.5 + 0.5)
     u = p.blend * u + (1 - p.blend) * whitened
@@ -267,7 +261,7 @@ def frost(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     n, h, w, _ = x.shape
     textures = frost_textures(frost_scale(h, w))
     which = rng.integers(len(FROST_FILES), size=n)
-    u_rows, u_cols = rng.random(n), rng.random(n)
+    u_rows, u_cols = rng.random(size=int(n)), rng.random(size=int(n))
     crops = np.empty((n, h, w, 3), dtype=np.float32)
     for k, texture in enumerate(textures):
         members = np.flatnonzero(which == k)
@@ -420,14 +414,6 @@ def check_images(images: np.ndarray) -> None:
         raise CorruptionError(f"images must be at least 8 x 8 pixels, got {images.shape[1]} x {images.shape[2]}")
 
 
-def check_corruption(corruption: str, severity: int) -> None:
-    """Raise :class:`CorruptionError` for an unknown name or a severity outside 1-5."""
-    if corruption not in _FUNCTIONS:
-        raise CorruptionError(f"unknown corruption '{corruption}'; available: {', '.join(CORRUPTIONS)}")
-    if severity not in SEVERITIES:
-        raise CorruptionError(f"severity must be one of {SEVERITIES}, got {severity}")
-
-
 def corrupt(
     images: np.ndarray, corruption: str, severity: int, seed: int = 0, chunk_size: int = CHUNK_SIZE
 ) -> np.ndarray:
@@ -461,9 +447,11 @@ __all__ = [
     "CHUNK_SIZE",
     "CLEAN",
     "CORRUPTIONS",
+    "CORRUPTION_VERSION",
     "RANDOM_CORRUPTIONS",
     "SEVERITIES",
     "CorruptionError",
+    "Domain",
     "check_corruption",
     "check_images",
     "corrupt",

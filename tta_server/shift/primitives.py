@@ -29,24 +29,30 @@ MirrorMode = Literal["reflect", "mirror"]
 
 def to_unit(images: np.ndarray) -> np.ndarray:
     """uint8 images -> float32 in [0, 1] (a fresh array the corruption may modify)."""
-    return images.astype(np.float32) / np.float32(255.0)
+    out: np.ndarray = images.astype(np.float32) / np.float32(255.0)
+    return out
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:
     """float images in [0, 1] (values outside are clipped) -> rounded uint8."""
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out: np.ndarray = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
 
 
-def gaussian_blur(x: np.ndarray, sigma: float, mode: BorderMode = "nearest", truncate: float = 4.0) -> np.ndarray:
+def gaussian_blur(
+    x: np.ndarray, sigma: float, mode: BorderMode = "nearest", truncate: float = 4.0, radius: int | None = None
+) -> np.ndarray:
     """Gaussian blur over the two spatial axes of ``N x H x W [x C]``.
 
     The default border and truncation are scikit-image's ``filters.gaussian`` defaults, which
-    is what the CIFAR-10-C generator called.
+    is what the CIFAR-10-C generator called; ``radius`` fixes the kernel half-width instead
+    (OpenCV's ``GaussianBlur`` with an explicit kernel size).
     """
     if sigma <= 0:
         return x.copy()
     spatial = (0.0, sigma, sigma) + (0.0,) * (x.ndim - 3)
-    out: np.ndarray = ndimage.gaussian_filter(x, sigma=spatial, mode=mode, truncate=truncate)
+    width = None if radius is None else (0, radius, radius) + (0,) * (x.ndim - 3)
+    out: np.ndarray = ndimage.gaussian_filter(x, sigma=spatial, mode=mode, truncate=truncate, radius=width)
     return out
 
 
@@ -115,8 +121,12 @@ def zoom_sum(x: np.ndarray, factors: Sequence[float]) -> np.ndarray:
     total = torch.zeros_like(t)
     with torch.no_grad():
         for factor in factors:
-            rows = torch.from_numpy(zoom_matrix(h, float(factor)))
-            cols_t = torch.from_numpy(np.ascontiguousarray(zoom_matrix(w, float(factor)).T))
+            row_matrix, col_matrix = zoom_matrix(h, float(factor)), zoom_matrix(w, float(factor))
+            if np.array_equal(row_matrix, np.eye(h)) and np.array_equal(col_matrix, np.eye(w)):
+                total += t  # small factors round back to the same size: no zoom at all
+                continue
+            rows = torch.from_numpy(row_matrix)
+            cols_t = torch.from_numpy(np.ascontiguousarray(col_matrix.T))
             across = torch.matmul(t.reshape(-1, w), cols_t).reshape(h, -1)
             total += torch.matmul(rows, across).reshape(h, n, c, w)
     return np.ascontiguousarray(total.numpy().transpose(1, 0, 3, 2))

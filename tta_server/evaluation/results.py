@@ -1,0 +1,171 @@
+"""The record one ``tta-server eval`` run writes: a validated JSON schema and its Markdown table.
+
+The JSON is the source of truth (``tta-server report`` reads only it); the Markdown beside
+it is for a person skimming a results folder. Errors and accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA = "tta-server.eval/1"
+
+
+class Frozen(BaseModel):
+    """Results are facts: immutable, and unknown fields are rejected when read back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DomainScore(Frozen):
+    """Accuracy on one domain (a corruption at a severity, or ``none``)."""
+
+    corruption: str
+    severity: int
+    n: int = Field(ge=0)
+    correct: int = Field(ge=0)
+    accuracy: float = Field(description="percent")
+    error: float = Field(description="percent")
+
+
+class Curve(Frozen):
+    """Online accuracy sampled along the stream (``positions`` = images seen so far).
+
+    ``cumulative`` is the accuracy over everything seen so far; ``window`` the accuracy over
+    the images since the previous sample point; ``domain`` the domain of the last image.
+    """
+
+    positions: list[int]
+    cumulative: list[float]
+    window: list[float]
+    domain: list[str]
+
+
+class DatasetInfo(Frozen):
+    path: str
+    fingerprint: str
+    n_source: int = Field(description="images in the source dataset before --limit")
+    n: int = Field(description="images used per domain")
+    image_size: tuple[int, int]
+    classes: int
+
+
+class ModelInfo(Frozen):
+    name: str
+    arch: str
+    sha256: str
+
+
+class Timing(Frozen):
+    """Seconds of wall time; ``images_per_s`` counts adaptation steps only (no data generation)."""
+
+    wall_s: float
+    data_s: float = Field(description="loading and corrupting (or reading cached) images")
+    adapt_s: float = Field(description="model input preparation plus adapter steps")
+    images_per_s: float
+
+
+class EvalResult(Frozen):
+    """Everything one run measured, and enough context to rerun it."""
+
+    schema_: Literal["tta-server.eval/1"] = Field("tta-server.eval/1", alias="schema")
+    model: ModelInfo
+    method: str
+    method_config: dict[str, Any]
+    config_overrides: dict[str, Any]
+    auxiliary_models: dict[str, ModelInfo]
+    predicts: str
+    setting: str
+    batch_size: int
+    severity: int
+    dirichlet_delta: float | None
+    seed: int
+    limit: int | None
+    dataset: DatasetInfo
+    domains: list[DomainScore]
+    mean_error: float
+    mean_accuracy: float
+    n_images: int
+    n_batches: int
+    resets: int
+    timing: Timing
+    curve: Curve
+    device: str
+    threads: int
+    versions: dict[str, str]
+    machine: dict[str, str]
+    started_at: str
+    command: str
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def method_label(self) -> str:
+        """The method name, plus a short hash of any non-default config so variants stay apart."""
+        if not self.config_overrides:
+            return self.method
+        digest = hashlib.sha256(json.dumps(self.config_overrides, sort_keys=True).encode()).hexdigest()[:6]
+        return f"{self.method}[{digest}]"
+
+    def stem(self) -> str:
+        """File name (without suffix) that distinguishes runs written into one folder."""
+        label = self.method_label.replace("[", "-").replace("]", "")
+        return f"{self.model.name}_{label}_{self.setting}_bs{self.batch_size}_sev{self.severity}_seed{self.seed}"
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+
+def read_result(path: Path) -> EvalResult | None:
+    """Parse a result file; ``None`` for JSON that is not an eval result (other files in the folder)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        return None
+    return EvalResult.model_validate(raw)
+
+
+def fmt(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def run_markdown(result: EvalResult) -> str:
+    """A per-run summary: context lines, then corruption | error | accuracy | n."""
+    lines = [
+        f"# {result.model.name} / {result.method_label} / {result.setting} / batch {result.batch_size}",
+        "",
+        f"- command: `{result.command}`",
+        f"- data: `{result.dataset.path}` ({result.dataset.n} of {result.dataset.n_source} images per domain), "
+        f"severity {result.severity}, seed {result.seed}",
+        f"- model sha256 `{result.model.sha256[:16]}`, "
+        f"method config `{json.dumps(result.method_config, sort_keys=True)}`",
+        f"- {result.n_images} images in {result.n_batches} batches, {result.resets} resets; "
+        f"wall {result.timing.wall_s:.1f} s (data {result.timing.data_s:.1f} s, adapt {result.timing.adapt_s:.1f} s), "
+        f"{result.timing.images_per_s:.0f} images/s on {result.device} ({result.threads} threads)",
+        f"- {result.started_at}, torch {result.versions.get('torch', '?')}, "
+        f"tta-server {result.versions.get('tta-server', '?')}",
+        "",
+        "| corruption | error % | accuracy % | n |",
+        "|---|---:|---:|---:|",
+    ]
+    for d in result.domains:
+        lines.append(f"| {d.corruption} | {fmt(d.error)} | {fmt(d.accuracy)} | {d.n} |")
+    lines.append(f"| **mean** | **{fmt(result.mean_error)}** | **{fmt(result.mean_accuracy)}** | {result.n_images} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_result(result: EvalResult, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{result.stem()}.json"
+    md_path = json_path.with_suffix(".md")
+    json_path.write_text(result.to_json() + "\n")
+    md_path.write_text(run_markdown(result))
+    return json_path, md_path
