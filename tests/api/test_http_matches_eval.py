@@ -1,0 +1,52 @@
+"""End to end: a corrupted CIFAR-10 stream sent over HTTP scores exactly what `tta-server eval` scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.helpers import NPY, npy_bytes
+from tta_server.data.datasets import load_labeled_images
+from tta_server.evaluation.runner import EvalSpec, run_eval, subset
+from tta_server.shift.cache import CorruptedSets
+from tta_server.shift.domains import Domain
+from tta_server.shift.streams import Setting, Stream
+
+
+@pytest.mark.parametrize("method", ["bn", "unmix_tns"])
+def test_http_stream_accuracy_equals_eval(client: TestClient, shared_dir: Path, tmp_path: Path, method: str) -> None:
+    data_path = shared_dir / "data" / "cifar10_test_first846.npz"
+    spec = EvalSpec(
+        model="resnet20",
+        method=method,
+        data=data_path,
+        models_dir=shared_dir / "models",
+        setting=Setting.IID,
+        batch_size=32,
+        severity=5,
+        corruptions=("contrast",),
+        limit=256,
+        seed=3,
+        cache_dir=tmp_path,
+        persistent_cache=False,
+    )
+    expected = run_eval(spec)
+
+    data = subset(load_labeled_images(data_path), spec.limit, spec.seed)
+    created = client.post("/v1/streams", json={"model": "resnet20", "method": method, "stream_id": "e2e", "seed": 3})
+    assert created.status_code == 201, created.text
+    correct = seen = 0
+    with CorruptedSets(data, spec.seed, tmp_path, persistent=False) as sets:
+        stream = Stream(spec.setting, [Domain("contrast", 5)], data.y, sets, spec.batch_size, spec.seed)
+        for batch in stream:
+            r = client.post("/v1/streams/e2e/predict", content=npy_bytes(batch.x), headers=NPY)
+            assert r.status_code == 200, r.text
+            labels = np.array([p["label"] for p in r.json()["predictions"]])
+            correct += int((labels == batch.y).sum())
+            seen += len(labels)
+    assert seen == expected.n_images == 256
+    assert correct == expected.domains[0].correct
+    assert client.get("/v1/streams/e2e").json()["steps"] == expected.n_batches
