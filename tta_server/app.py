@@ -146,7 +146,7 @@ def build_services(settings: Settings) -> Services:
     """Everything the app shares, built from the settings (no torch work yet)."""
     metrics = Metrics()
     hub = ModelHub.from_settings(settings)
-    store = open_store(settings)
+    store = open_store(settings, metrics, hub.device)
     drift = DriftTracker(sample_every=settings.drift_sample_every)
     runner = StreamRunner(hub, store, metrics, drift)
 

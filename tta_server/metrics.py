@@ -70,6 +70,11 @@ class Metrics:
         self.store_errors = Counter(
             "tta_store_errors_total", "failed state store operations", ["operation"], registry=r
         )
+        self.store_pending_states = Gauge(
+            "tta_store_pending_states",
+            "streams whose newest state is only in this process (write-behind, or Redis unreachable)",
+            registry=r,
+        )
         self.state_bytes = Histogram(
             "tta_stream_state_bytes",
             "bytes of adapted state per stream at write",

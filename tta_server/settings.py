@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tta_server.state.write_policy import WriteMode
+
 
 class DeviceChoice(StrEnum):
     """Where models run: ``auto`` picks CUDA when available, else CPU."""
@@ -28,7 +30,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    store_url: str = Field("memory://", description="state store: memory:// (embedded)")
+    store_url: str = Field(
+        "memory://",
+        description="state store: memory:// (embedded), redis://[user:password@]host:port/db, rediss:// (TLS)",
+    )
     device: DeviceChoice = DeviceChoice.AUTO
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     models_dir: Path = Field(Path("../shared/models"), description="folder of third-party weights")
@@ -48,6 +53,20 @@ class Settings(BaseSettings):
     max_pixels_per_image: int = Field(4096 * 4096, ge=64, description="decompression-bomb guard (413)")
     memory_max_streams: int = Field(10_000, ge=1, description="memory store: LRU bound")
     memory_ttl_s: float | None = Field(None, gt=0, description="memory store: idle streams expire")
+    redis_key_prefix: str = Field(
+        "tta", min_length=1, max_length=64, pattern=r"^[^{}\s]+$", description="redis store: prefix of every key"
+    )
+    redis_ttl_s: float | None = Field(None, gt=0, description="redis store: idle streams expire (None = never)")
+    redis_write_policy: WriteMode = Field(
+        WriteMode.WRITE_THROUGH,
+        description="redis store: write-through (every step) or write-behind (every N steps / T seconds)",
+    )
+    redis_flush_every_steps: int = Field(10, ge=1, description="redis write-behind: flush after N unpersisted steps")
+    redis_flush_every_s: float = Field(5.0, gt=0, description="redis write-behind: flush steps older than T seconds")
+    redis_cache_streams: int = Field(1000, ge=0, description="redis store: streams kept in the hot cache")
+    redis_max_connections: int = Field(32, ge=1, description="redis store: connection pool size")
+    redis_timeout_s: float = Field(2.0, gt=0, le=60, description="redis store: connect and socket timeout")
+    redis_retry_s: float = Field(1.0, gt=0, le=60, description="redis store: probe interval while Redis is down")
     drift_sample_every: int = Field(10, ge=0, description="run the source model every N batches (0 = never)")
     api_keys: dict[str, str] = Field(
         default_factory=dict,
@@ -67,8 +86,9 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, v: str) -> str:
-        if not v.startswith("memory://"):
-            raise ValueError(f"unsupported state store URL {v!r}; use memory://")
+        if not v.startswith(("memory://", "redis://", "rediss://")):
+            shown = v.rsplit("@", maxsplit=1)[-1]  # never echo credentials
+            raise ValueError(f"unsupported state store URL {shown!r}; use memory://, redis:// or rediss://")
         return v
 
     @field_validator("log_level", mode="before")

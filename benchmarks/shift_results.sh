@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
+#   bash benchmarks/shift_results.sh PHASE [OUT]    PHASE: bn-iid | alpha-tune | correlated | bs1 | gn-ln | cema | continual | report
+# Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
+# docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
+# every reported run uses seed 0, so nothing is tuned on the reported stream.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PHASE=${1:?phase}
+OUT=${2:-benchmarks/results/shift}
+TTA=.venv/bin/tta-server
+THREADS=${THREADS:-1}
+run() { $TTA eval --threads "$THREADS" --severity 5 --out "$OUT" "$@"; }
+
+case "$PHASE" in
+  bn-iid)
+    for m in source bn unmix_tns alpha_bn; do run --model resnet20 --method "$m" --setting iid --batch-size 64; done ;;
+  alpha-tune)
+    for w in 0.5 0.6 0.7 0.8 0.9; do
+      run --model resnet20 --method alpha_bn --config "{\"source_weight\": $w}" --setting iid --batch-size 64 \
+          --seed 1 --limit 2000 --out "$OUT-tuning"
+    done ;;
+  alpha-best)
+    run --model resnet20 --method alpha_bn --config "{\"source_weight\": ${2:?best weight}}" --setting iid --batch-size 64 ;;
+  correlated)
+    for m in source bn unmix_tns; do run --model resnet20 --method "$m" --setting correlated --batch-size 64; done ;;
+  bs1)
+    for m in source bn alpha_bn unmix_tns; do run --model resnet20 --method "$m" --setting iid --batch-size 1 --limit 1000; done ;;
+  gn-ln)
+    for model in resnet20-gn resnet20-ln; do
+      for m in source tent sar; do
+        run --model "$model" --method "$m" --setting correlated --batch-size 64
+        run --model "$model" --method "$m" --setting iid --batch-size 1 --limit 1000
+      done
+    done ;;
+  cema)
+    run --model resnet20 --method source --setting iid --batch-size 64
+    run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid --batch-size 64 ;;
+  continual)
+    for m in source bn adab2n; do run --model resnet20 --method "$m" --setting continual --batch-size 16; done ;;
+  report)
+    $TTA report "$OUT" --out docs/results.md --plots docs/plots ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac

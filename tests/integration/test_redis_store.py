@@ -1,0 +1,245 @@
+"""The Redis store against a real Redis: the memory store's semantics, compare-and-set across
+replicas, the key layout (hash tags), listing indexes, idle TTL, write-behind and idempotent writes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import pytest
+import redis
+import torch
+from redis.crc import key_slot
+
+from adapters.base import StateMeta, StreamState
+from adapters.serialize import state_from_bytes
+from tta_server.metrics import Metrics
+from tta_server.state.base import (
+    StreamExistsError,
+    StreamKey,
+    StreamNotFoundError,
+    StreamRecord,
+    VersionConflictError,
+)
+from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.write_policy import WriteMode, WritePolicy
+
+pytestmark = pytest.mark.integration
+
+StoreFactory = Callable[..., RedisStateStore]
+
+
+def record(tenant: str, sid: str, created: float = 0.0) -> StreamRecord:
+    return StreamRecord(StreamKey(tenant, sid), "m", "bn", {"a": 1}, 7, {"site": "x"}, created_at=created)
+
+
+def state(value: float, step: int = 0) -> StreamState:
+    return StreamState({"x": torch.full((3,), value), "n": torch.tensor(step)}, StateMeta("bn", {}, "h", step=step))
+
+
+@pytest.fixture
+def make_store(redis_url: str, prefix: str) -> Iterator[StoreFactory]:
+    """Stores on the test's prefix (several = several replicas); all closed at teardown."""
+    stores: list[RedisStateStore] = []
+
+    def make(**kwargs: object) -> RedisStateStore:
+        store = RedisStateStore(redis_url, key_prefix=prefix, **kwargs)  # type: ignore[arg-type]
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def test_compare_and_set_refuses_stale_writes(make_store: StoreFactory) -> None:
+    store = make_store()
+    key = StreamKey("t", "s")
+    store.create_stream(record("t", "s"))
+    assert store.load_state(key) is None
+    assert store.save_state(key, state(1.0, 1), 0, 4) == 1
+    assert store.save_state(key, state(2.0, 2), 1, 8) == 2
+    with pytest.raises(VersionConflictError, match="version 2, write was based on 1"):
+        store.save_state(key, state(9.0, 9), 1, 12)
+    fresh = make_store(cache_max_streams=0).load_state(key)
+    assert fresh is not None and fresh.version == 2 and fresh.samples_seen == 8
+    assert torch.equal(fresh.state.tensors["x"], torch.full((3,), 2.0)) and fresh.state.meta.step == 2
+    with pytest.raises(StreamNotFoundError):
+        store.save_state(StreamKey("t", "nope"), state(1.0), 0, 1)
+
+
+def test_two_replicas_never_overwrite_each_other(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()
+    key = StreamKey("t", "shared")
+    a.create_stream(record("t", "shared"))
+    assert a.load_state(key) is None and b.load_state(key) is None
+    assert b.save_state(key, state(1.0, 1), 0, 2) == 1
+    with pytest.raises(VersionConflictError, match="version 1, write was based on 0"):
+        a.save_state(key, state(5.0, 1), 0, 2)
+    reloaded = a.load_state(key)  # after a conflict the reload reads what b wrote
+    assert reloaded is not None and reloaded.version == 1 and float(reloaded.state.tensors["x"][0]) == 1.0
+    assert a.save_state(key, state(2.0, 2), 1, 4) == 2
+    seen_by_b = b.load_state(key)  # b's cache held version 1: the load notices version 2
+    assert seen_by_b is not None and seen_by_b.version == 2 and float(seen_by_b.state.tensors["x"][0]) == 2.0
+
+
+def test_hot_cache_skips_transfer_when_current(make_store: StoreFactory) -> None:
+    store = make_store()
+    key = StreamKey("t", "hot")
+    store.create_stream(record("t", "hot"))
+    store.save_state(key, state(1.0, 1), 0, 1)
+    with mock.patch("tta_server.state.redis_store.state_from_bytes", wraps=state_from_bytes) as decode:
+        for _ in range(3):
+            loaded = store.load_state(key)
+            assert loaded is not None and loaded.version == 1
+        assert decode.call_count == 0
+        make_store().save_state(key, state(2.0, 2), 1, 2)  # another replica writes
+        loaded = store.load_state(key)
+        assert loaded is not None and loaded.version == 2 and decode.call_count == 1
+
+
+def test_registry_errors_and_tenant_paging(make_store: StoreFactory) -> None:
+    store = make_store()
+    for i in range(3):
+        store.create_stream(record("a", f"s{i}", created=100.0 + i))
+    store.create_stream(record("b", "s0", created=50.0))
+    with pytest.raises(StreamExistsError, match="'s1' already exists"):
+        store.create_stream(record("a", "s1"))
+    page, total = store.list_streams("a", offset=1, limit=1)
+    assert total == 3 and [r.key.stream_id for r in page] == ["s1"]
+    everyone, total_all = store.list_streams(None, 0, 10)
+    assert total_all == 4 and [str(r.key) for r in everyone] == ["b/s0", "a/s0", "a/s1", "a/s2"]
+    assert everyone[1] == record("a", "s0", created=100.0)  # the registration round-trips exactly
+    assert store.count() == 4
+    store.delete_stream(StreamKey("a", "s0"))
+    with pytest.raises(StreamNotFoundError, match="'s0' does not exist"):
+        store.get_stream(StreamKey("a", "s0"))
+    with pytest.raises(StreamNotFoundError):
+        store.delete_stream(StreamKey("a", "s0"))
+    assert store.get_stream(StreamKey("b", "s0")).key.tenant == "b"
+    assert store.list_streams("a", 0, 10)[1] == 2 and store.count() == 3
+
+
+def test_keys_share_a_hash_tag_and_tenants_cannot_collide(
+    make_store: StoreFactory, redis_url: str, prefix: str
+) -> None:
+    store = make_store()
+    odd = StreamKey("a/b{x}", "c")
+    store.create_stream(record(odd.tenant, odd.stream_id))
+    store.create_stream(record("a", "b"))
+    store.save_state(odd, state(1.0, 1), 0, 1)
+    rec_key, state_key = store.keys.record(odd), store.keys.state(odd)
+    assert key_slot(rec_key.encode()) == key_slot(state_key.encode())
+    assert rec_key == f"{prefix}:{{a%2Fb%7Bx%7D/c}}:rec"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.exists(rec_key, state_key) == 2
+        assert int(client.hget(state_key, "v") or 0) == 1 and int(client.hget(state_key, "s") or 0) == 1
+    finally:
+        client.close()
+    assert store.get_stream(odd).key == odd and store.list_streams(odd.tenant, 0, 10)[1] == 1
+
+
+def test_deleted_then_recreated_stream_starts_fresh(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()
+    key = StreamKey("t", "again")
+    a.create_stream(record("t", "again", created=1.0))
+    a.save_state(key, state(1.0, 1), 0, 1)
+    b.delete_stream(key)
+    b.create_stream(record("t", "again", created=2.0))
+    assert a.get_stream(key).created_at == 2.0
+    assert a.load_state(key) is None  # a's cached version 1 belonged to the deleted stream
+    assert [r.created_at for r in a.list_streams("t", 0, 10)[0]] == [2.0]
+
+
+def test_idle_ttl_expires_streams_and_access_refreshes_it(make_store: StoreFactory) -> None:
+    store = make_store(ttl_seconds=0.6)
+    idle, busy = StreamKey("t", "idle"), StreamKey("t", "busy")
+    store.create_stream(record("t", "idle"))
+    store.create_stream(record("t", "busy"))
+    store.save_state(busy, state(1.0, 1), 0, 1)
+    for _ in range(4):  # 4 x 0.25 s: busy is touched, idle is not
+        time.sleep(0.25)
+        assert store.get_stream(busy).key == busy
+        assert store.load_state(busy) is not None
+    other = make_store(ttl_seconds=0.6)
+    with pytest.raises(StreamNotFoundError):
+        other.get_stream(idle)
+    page, total = other.list_streams("t", 0, 10)
+    assert [r.key for r in page] == [busy] and total == 1 and other.count() == 1
+
+
+def test_write_behind_every_n_steps_and_flush_on_close(make_store: StoreFactory) -> None:
+    store = make_store(policy=WritePolicy(WriteMode.WRITE_BEHIND, every_steps=3, every_seconds=60))
+    reader = make_store(cache_max_streams=0)
+    key = StreamKey("t", "wb")
+    store.create_stream(record("t", "wb"))
+    assert store.load_state(key) is None
+    for version in (1, 2):
+        assert store.save_state(key, state(float(version), version), version - 1, version) == version
+    assert reader.load_state(key) is None and store.pending_states() == 1
+    with pytest.raises(VersionConflictError, match="version 2, write was based on 1"):
+        store.save_state(key, state(9.0), 1, 1)  # stale against the local history
+    store.save_state(key, state(3.0, 3), 2, 3)
+    persisted = reader.load_state(key)
+    assert persisted is not None and persisted.version == 3 and store.pending_states() == 0
+    store.save_state(key, state(4.0, 4), 3, 4)
+    local = store.load_state(key)
+    assert local is not None and local.version == 4  # served from the cache: Redis is at 3
+    assert (reader.load_state(key) or persisted).version == 3
+    store.close()
+    final = reader.load_state(key)
+    assert final is not None and final.version == 4 and final.state.meta.step == 4
+
+
+def test_write_behind_flushes_after_t_seconds(make_store: StoreFactory) -> None:
+    store = make_store(policy=WritePolicy(WriteMode.WRITE_BEHIND, every_steps=100, every_seconds=0.3))
+    reader = make_store(cache_max_streams=0)
+    key = StreamKey("t", "timed")
+    store.create_stream(record("t", "timed"))
+    store.load_state(key)
+    store.save_state(key, state(1.0, 1), 0, 1)
+    deadline = time.monotonic() + 5
+    while reader.load_state(key) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stored = reader.load_state(key)
+    assert stored is not None and stored.version == 1 and store.pending_states() == 0
+
+
+def test_write_behind_conflict_discards_local_steps_and_counts_them(make_store: StoreFactory) -> None:
+    metrics = Metrics()
+    store = make_store(policy=WritePolicy(WriteMode.WRITE_BEHIND, every_steps=2, every_seconds=60), metrics=metrics)
+    other = make_store()
+    key = StreamKey("t", "split")
+    store.create_stream(record("t", "split"))
+    store.load_state(key)
+    store.save_state(key, state(1.0, 1), 0, 1)  # pending in store's cache
+    other.load_state(key)
+    other.save_state(key, state(7.0, 1), 0, 1)  # a second replica (the documented misuse)
+    with pytest.raises(VersionConflictError, match=r"1 unpersisted steps of this replica discarded"):
+        store.save_state(key, state(2.0, 2), 1, 2)
+    assert metrics.store_errors.labels("flush_conflict")._value.get() == 1
+    reloaded = store.load_state(key)
+    assert reloaded is not None and float(reloaded.state.tensors["x"][0]) == 7.0
+
+
+def test_a_retried_write_is_recognised_not_reported_as_conflict(make_store: StoreFactory) -> None:
+    """redis-py retries a command once when the connection drops; the token makes that safe."""
+    store = make_store()
+    key = StreamKey("t", "retry")
+    store.create_stream(record("t", "retry"))
+    rec = store.get_stream(key)
+    new = store.load_state(key)
+    assert new is None
+    from tta_server.state.base import StoredState
+
+    stored = StoredState(state(1.0, 1), 1, 1, time.time())
+    token = uuid.uuid4().hex
+    assert store._write(key, rec, stored, 0, token, [], False) == (1, 1)
+    assert store._write(key, rec, stored, 0, token, [], False) == (1, 1)  # the replay: applied once
+    assert store._write(key, rec, stored, 0, uuid.uuid4().hex, [], False) == (2, 1)  # someone else: conflict
+    later = StoredState(state(3.0, 3), 3, 3, time.time())
+    # A write whose outcome was never learned (token) is accepted as this replica's own base.
+    assert store._write(key, rec, later, 0, uuid.uuid4().hex, [token], False) == (1, 3)
