@@ -10,7 +10,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,bench]" -e clients
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,bench]" -e "clients[cli,plot]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -170,6 +171,8 @@ def build_services(settings: Settings) -> Services:
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI app for ``settings`` (nothing is built at import time)."""
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     services = build_services(settings)
 
     @asynccontextmanager

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(2.0, gt=0, le=60, description="redis store: connect and socket timeout")
     redis_retry_s: float = Field(1.0, gt=0, le=60, description="redis store: probe interval while Redis is down")
     drift_sample_every: int = Field(10, ge=0, description="run the source model every N batches (0 = never)")
+    torch_threads: int | None = Field(
+        None, ge=1, le=512, description="torch CPU threads of the model worker (default: torch's choice, all cores)"
+    )
     api_keys: dict[str, str] = Field(
         default_factory=dict,
         description='API key -> tenant, e.g. {"k1": "acme"}; tenant "*" is admin; empty = auth off',

@@ -151,3 +151,17 @@ def test_drift_endpoint_reports_windows(client: TestClient) -> None:
     # the first batch is sampled against the source model: disagreement and BN shift exist
     assert 0 <= drift["short"]["source_disagreement"] <= 1 and drift["short"]["bn_shift"] > 0
     assert client.get("/v1/streams/missing/drift").status_code == 404
+
+
+def test_state_for_other_weights_is_refused_until_reset(client: TestClient) -> None:
+    create(client, stream_id="w", method="bn")
+    client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY)
+    services = client.app.state.services  # type: ignore[attr-defined]
+    key = services.store.get_stream(services.store.list_streams(None, 0, 10)[0][0].key).key
+    stored = services.store.load_state(key)
+    stale = stored.state.with_meta(model_hash="0" * 64)
+    services.store.save_state(key, stale, stored.version, stored.samples_seen)
+    r = client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY)
+    assert r.status_code == 422 and "state made for weights 000000000000" in r.json()["error"]["message"]
+    assert client.post("/v1/streams/w/reset").status_code == 200
+    assert client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY).status_code == 200

@@ -105,9 +105,16 @@ class StreamRunner:
     def current_state(self, record: StreamRecord) -> tuple[StreamState, int, int]:
         """(state, version, samples seen); the source state at version 0 before the first write."""
         stored = self.store.load_state(record.key)
-        if stored is not None:
-            return stored.state, stored.version, stored.samples_seen
         loaded, adapter, prepared = self._context(record)
+        if stored is not None:
+            if stored.state.meta.model_hash != loaded.sha256:
+                made_for = stored.state.meta.model_hash[:12]
+                raise StateMismatchError(
+                    f"stream '{record.key.stream_id}' holds a state made for weights {made_for}, "
+                    f"but model '{record.model}' now has weights {loaded.sha256[:12]}; reset the stream "
+                    "(POST /v1/streams/{id}/reset) or serve the new weights under a new model name"
+                )
+            return stored.state, stored.version, stored.samples_seen
         return adapter.init_state(prepared, record.seed, loaded.sha256), 0, 0
 
     # -- the hot path ---------------------------------------------------------------------
@@ -190,9 +197,14 @@ class StreamRunner:
     def reset(self, key: StreamKey) -> tuple[int, int]:
         """Back to source; returns (step, new version)."""
         record = self.store.get_stream(key)
-        _, adapter, prepared = self._context(record)
-        state, version, seen = self.current_state(record)
-        fresh = adapter.reset(prepared, state)
+        loaded, adapter, prepared = self._context(record)
+        stored = self.store.load_state(key)
+        if stored is None:
+            fresh, version, seen = adapter.init_state(prepared, record.seed, loaded.sha256), 0, 0
+        else:
+            # a reset also re-bases a stream whose model weights changed since its last write
+            fresh = adapter.reset(prepared, stored.state.with_meta(model_hash=loaded.sha256))
+            version, seen = stored.version, stored.samples_seen
         new_version = self.store.save_state(key, fresh, version, seen)
         self.metrics.resets.labels(record.model, record.method, "api").inc()
         return fresh.meta.step, new_version

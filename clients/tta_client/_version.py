@@ -1,0 +1,3 @@
+"""The client version, sent as its User-Agent."""
+
+__version__ = "0.1.0"
