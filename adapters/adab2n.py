@@ -48,6 +48,7 @@ from adapters.functional import (
     per_layer,
     prefixed,
     unprefixed,
+    var_mean,
 )
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
@@ -114,7 +115,7 @@ class AdaB2NBatchNorm(StreamBatchNorm):
             return self.source_forward(input)
         run_mean, run_var = self.source_stats()
         with torch.no_grad():
-            var_b, mean_b = torch.var_mean(input, dim=self.batch_dims(input), correction=0)
+            var_b, mean_b = var_mean(input, self.batch_dims(input))
             eta, use_updated = hyper[0], hyper[1]
             new_mean = run_mean + eta * (mean_b - run_mean)
             new_var = (1 - eta) * run_var + eta * var_b

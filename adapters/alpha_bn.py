@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
-from adapters.functional import drift_extra, forward, model_device, per_layer
+from adapters.functional import drift_extra, forward, model_device, per_layer, var_mean
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
@@ -70,7 +70,7 @@ class AlphaBatchNorm(StreamBatchNorm):
         if self.source_weight is None or per_channel < 2:
             return self.source_forward(input)
         source_mean, source_var = self.source_stats()
-        var, mean = torch.var_mean(input, dim=self.batch_dims(input), correction=0)
+        var, mean = var_mean(input, self.batch_dims(input))
         if self.unbiased is not None:  # scale by n/(n-1) where the flag is 1, without a host sync
             var = var * (1 + self.unbiased * (per_channel / (per_channel - 1) - 1))
         mean, var = mix_statistics(source_mean, source_var, mean, var, self.source_weight)

@@ -82,6 +82,7 @@ from adapters.functional import (
     requiring_grad,
     sgd_step,
     unprefixed,
+    var_mean,
     zeros_like_all,
 )
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
@@ -122,7 +123,7 @@ class TBRBatchNorm(StreamBatchNorm):
         if self.tbr_momentum is None or input.numel() // input.shape[1] < 2:
             return self.source_forward(input)
         run_mean, run_var = self.source_stats()
-        var_b, mean_b = torch.var_mean(input, dim=self.batch_dims(input), correction=1)
+        var_b, mean_b = var_mean(input, self.batch_dims(input), correction=1)
         std_b = torch.sqrt(var_b + self.eps)
         std_run = torch.sqrt(run_var + self.eps)
         r = (std_b / std_run).detach()

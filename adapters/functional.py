@@ -28,6 +28,23 @@ def qualified(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
 
+def var_mean(x: torch.Tensor, dims: list[int], correction: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, mean) over ``dims`` from the first two moments, like ``torch.var_mean``.
+
+    ``torch.var_mean`` over conv activations is several times slower on the CPU than the
+    convolution that produced them (measured: ~10 ms against 1 ms for the moments of a
+    64x16x32x32 batch), which made statistics-based methods cost twice a forward. The moments
+    lose a little precision to cancellation (relative error ~1e-6 for activations whose mean
+    is twice their std), far below what changes a normalized activation.
+    """
+    mean = x.mean(dims)
+    var = ((x * x).mean(dims) - mean * mean).clamp_min(0.0)
+    if correction:
+        n = x.numel() // max(mean.numel(), 1)
+        var = var * (n / max(n - correction, 1))
+    return var, mean
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample Shannon entropy (nats) of softmax(logits); differentiable, numerically stable."""
     log_p = F.log_softmax(logits, dim=1)

@@ -82,9 +82,14 @@ class StreamBatchNorm(_BatchNorm):
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """Normalize with per-channel (C) or per-sample-per-channel (N, C) statistics, then the affine.
 
-        Written out (not ``F.batch_norm``) so gradients flow through ``mean`` and ``var``.
+        Written out (not ``F.batch_norm``) so gradients flow through ``mean`` and ``var``; when no
+        gradient is being recorded the same arithmetic runs as one fused ``F.batch_norm`` call
+        (per-sample statistics by viewing the batch as one sample of N·C channels), which keeps
+        forward-only methods close to the cost of plain inference.
         """
         mean, var = mean.to(x.dtype), var.to(x.dtype)
+        if not torch.is_grad_enabled():
+            return self._fused_normalize(x, mean, var)
         shape = [1] * x.dim()
         if mean.dim() == 1:
             shape[1] = -1
@@ -95,6 +100,16 @@ class StreamBatchNorm(_BatchNorm):
             affine_shape = [1, -1] + [1] * (x.dim() - 2)
             y = y * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
         return y
+
+    def _fused_normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        if mean.dim() == 1:
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        n, c = mean.shape[0], mean.shape[1]
+        weight = self.weight.repeat(n) if self.weight is not None else None
+        bias = self.bias.repeat(n) if self.bias is not None else None
+        flat = x.reshape(1, n * c, *x.shape[2:])
+        y = F.batch_norm(flat, mean.reshape(-1), var.reshape(-1), weight, bias, False, 0.0, self.eps)
+        return y.reshape(x.shape)
 
     def source_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(running_mean, running_var); raises when the source layer tracks no statistics."""

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
-from adapters.functional import Tensors, cloned, drift_extra, forward, on_device, qualified
+from adapters.functional import Tensors, cloned, drift_extra, forward, on_device, qualified, var_mean
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
@@ -134,7 +134,7 @@ class UnMixBatchNorm(StreamBatchNorm):
         dims = self.instance_dims(input)
         if means is None or variances is None or hyper is None or not dims:
             return self.source_forward(input)
-        instance_var, instance_mean = torch.var_mean(input, dim=dims, correction=0)
+        instance_var, instance_mean = var_mean(input, dims)
         with torch.no_grad():
             p = assignment(instance_mean.detach(), means, hyper[0])
         mean, var = mixed_statistics(p, instance_mean, instance_var, means, variances)
