@@ -5,13 +5,16 @@
 For each method a stream is registered and clients POST .npy batches of ``--batch-size``
 images back to back (``--concurrency`` in flight, so the next batch waits in the queue while
 one runs). The raw baseline is ``model(x)`` on a pre-normalized batch of the same size with
-the same torch thread count, measured in this process before the server starts. Prints a
+the same torch thread count, measured in this process before the server starts; the
+method's own in-process ``adapter.step`` rate is measured too, so that serving overhead
+(server / step) and method cost (step / raw) can be told apart. Prints a
 Markdown table and writes JSON to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -28,6 +31,7 @@ import httpx
 import numpy as np
 import torch
 
+import adapters
 from tta_server.zoo.catalogue import build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
@@ -55,6 +59,23 @@ def raw_forward(model_name: str, models_dir: Path, batch: int, seconds: float, t
     return done / (time.perf_counter() - start)
 
 
+def in_process_step(model_name: str, method: str, models_dir: Path, batch: int, seconds: float) -> float:
+    """Images/s of ``adapter.step`` in this process: the method's own cost, without HTTP."""
+    loaded = build_catalogue(models_dir).load(model_name)
+    adapter = adapters.create_adapter(method)
+    prepared = adapter.prepare(copy.deepcopy(loaded.model))
+    state = adapter.init_state(prepared, 0, loaded.sha256)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    x = normalize(to_tensor_batch(images), loaded.spec.mean, loaded.spec.std)
+    for _ in range(3):
+        state = adapter.step(prepared, x, state).state
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        state = adapter.step(prepared, x, state).state
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
 def start_server(port: int, models_dir: Path, model: str, threads: int, max_batch: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -64,7 +85,7 @@ def start_server(port: int, models_dir: Path, model: str, threads: int, max_batc
         "TTA_LOG_LEVEL": "warning",
         "TTA_MAX_BATCH_SIZE": str(max_batch),
         "TTA_DRIFT_SAMPLE_EVERY": "0",
-        "OMP_NUM_THREADS": str(threads),
+        "TTA_TORCH_THREADS": str(threads),
     }
     cmd = [sys.executable, "-m", "tta_server.cli", "serve", "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -125,6 +146,8 @@ def main() -> None:
     args = parser.parse_args()
 
     raw = raw_forward(args.model, args.models_dir, args.batch_size, args.seconds, args.threads)
+    methods = args.methods.split(",")
+    steps = {m: in_process_step(args.model, m, args.models_dir, args.batch_size, args.seconds / 2) for m in methods}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     images = np.random.default_rng(1).integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8)
@@ -133,7 +156,7 @@ def main() -> None:
     rows = []
     proc = start_server(port, args.models_dir, args.model, args.threads, args.batch_size)
     try:
-        for method in args.methods.split(","):
+        for method in methods:
             stream = f"bench-{method}"
             r = httpx.post(f"{base}/v1/streams", json={"model": args.model, "method": method, "stream_id": stream})
             r.raise_for_status()
@@ -145,6 +168,8 @@ def main() -> None:
                     "method": method,
                     "server_images_per_s": rate,
                     "ratio": rate / raw,
+                    "in_process_step_images_per_s": steps[method],
+                    "ratio_to_step": rate / steps[method],
                     "p50_s": q[49],
                     "p99_s": q[98],
                     "requests": len(lat),
@@ -170,11 +195,14 @@ def main() -> None:
     lines = [
         f"raw forward ({args.model}, batch {args.batch_size}, {args.threads} threads): {raw:.0f} images/s",
         "",
-        "| method | server images/s | ratio to raw | p50 latency | p99 latency |",
-        "|---|---|---|---|---|",
+        "| method | server images/s | ratio to raw forward | in-process adapter step images/s | server / step "
+        "| p50 latency | p99 latency |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['method']} | {r['server_images_per_s']:.0f} | {r['ratio']:.2f} | {1000 * r['p50_s']:.0f} ms "
+        f"| {r['method']} | {r['server_images_per_s']:.0f} | {r['ratio']:.2f} "
+        f"| {r['in_process_step_images_per_s']:.0f} "
+        f"| {r['ratio_to_step']:.2f} | {1000 * r['p50_s']:.0f} ms "
         f"| {1000 * r['p99_s']:.0f} ms |"
         for r in rows
     ]
