@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.errors import UnsupportedModelError
+from adapters.functional import var_mean
 from adapters.norms import NormKind, norm_layers
 
 L = TypeVar("L", bound="StreamBatchNorm")
@@ -136,6 +137,9 @@ class BatchStatsNorm(StreamBatchNorm):
         self._check_input_dim(input)
         if self.batch_stats is None or input.numel() // input.shape[1] < 2:
             return self.source_forward(input)
+        if not torch.is_grad_enabled():  # same statistics, computed faster than train-mode batch_norm on CPU
+            var, mean = var_mean(input, self.batch_dims(input))
+            return self._fused_normalize(input, mean, var)
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 

@@ -78,12 +78,23 @@ def mixed_statistics(
     means: torch.Tensor,
     variances: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample statistics (B×C) from the per-component mixes (law of total variance over K)."""
-    pk = p[:, :, None]
-    m = (1 - pk) * means[None] + pk * instance_mean[:, None, :]
-    v = (1 - pk) * variances[None] + pk * instance_var[:, None, :]
-    mean = m.mean(dim=1)
-    var = v.mean(dim=1) + (m * m).mean(dim=1) - mean * mean
+    """Per-sample statistics (B×C) from the per-component mixes (law of total variance over K).
+
+    With m_bk = (1 − p_bk)·μ_k + p_bk·μ̃_b and v_bk = (1 − p_bk)·σ²_k + p_bk·σ̃²_b:
+    mean_b = (1/K)·Σ_k m_bk and var_b = (1/K)·Σ_k v_bk + (1/K)·Σ_k m_bk² − mean_b². Each sum over
+    k is expanded into B×K @ K×C products, so no B×K×C tensor is ever built (the direct form
+    cost more than the convolutions of a small CIFAR ResNet).
+    """
+    k = means.shape[0]
+    q = 1 - p
+    p_sum = p.sum(dim=1, keepdim=True)
+    mean = (q @ means + p_sum * instance_mean) / k
+    second = (
+        (q * q) @ (means * means)
+        + 2 * (p * q) @ means * instance_mean
+        + (p * p).sum(1, keepdim=True) * (instance_mean * instance_mean)
+    )
+    var = (q @ variances + p_sum * instance_var) / k + second / k - mean * mean
     return mean, var.clamp_min(0.0)
 
 
