@@ -37,11 +37,16 @@ def var_mean(x: torch.Tensor, dims: list[int], correction: int = 0) -> tuple[tor
     lose a little precision to cancellation (relative error ~1e-6 for activations whose mean
     is twice their std), far below what changes a normalized activation.
     """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # reduce the NHWC view so that the innermost (channel) dimension stays contiguous
+        x = x.permute(0, 2, 3, 1)
+        dims = [{0: 0, 2: 1, 3: 2, 1: 3}[d] for d in dims]
     mean = x.mean(dims)
-    var = ((x * x).mean(dims) - mean * mean).clamp_min(0.0)
+    count = x.numel() // max(mean.numel(), 1)
+    second = (x * x).mean(dims)
+    var = (second - mean * mean).clamp_min(0.0)
     if correction:
-        n = x.numel() // max(mean.numel(), 1)
-        var = var * (n / max(n - correction, 1))
+        var = var * (count / max(count - correction, 1))
     return var, mean
 
 

@@ -105,12 +105,15 @@ class StreamBatchNorm(_BatchNorm):
     def _fused_normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         if mean.dim() == 1:
             return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-        n, c = mean.shape[0], mean.shape[1]
-        weight = self.weight.repeat(n) if self.weight is not None else None
-        bias = self.bias.repeat(n) if self.bias is not None else None
-        flat = x.reshape(1, n * c, *x.shape[2:])
-        y = F.batch_norm(flat, mean.reshape(-1), var.reshape(-1), weight, bias, False, 0.0, self.eps)
-        return y.reshape(x.shape)
+        # per-sample statistics: y = x·scale + shift in one pass, keeping x's memory format
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        view = [*mean.shape, *([1] * (x.dim() - 2))]
+        return torch.addcmul(shift.reshape(view), x, scale.reshape(view))
 
     def source_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(running_mean, running_var); raises when the source layer tracks no statistics."""
