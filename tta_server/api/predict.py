@@ -8,7 +8,7 @@ import binascii
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -108,7 +108,7 @@ async def predict(
     principal: PrincipalDep,
     adapt: Annotated[bool, Query(description="false: predict without updating the stream")] = True,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes listed per image")] = 5,
-) -> PredictResponse:
+) -> Response:
     """Images as multipart files (PNG, JPEG, WebP), JSON base64 or one .npy uint8 batch.
 
     Images are converted to RGB and resized to the model's input size. Requests of one stream
@@ -130,7 +130,7 @@ async def predict(
     except DeadlineExceededError:
         services.metrics.deadline_exceeded.inc()
         raise
-    return PredictResponse(
+    body = PredictResponse(
         stream_id=stream_id,
         model=record.model,
         method=record.method,
@@ -140,3 +140,5 @@ async def predict(
         batch_images=len(output.probs),
         predictions=predictions(output, rows, top_k),
     )
+    # serialized once by pydantic (the schema above documents it); FastAPI would validate again
+    return Response(body.model_dump_json(), media_type="application/json")
