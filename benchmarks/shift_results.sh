@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
-#   bash benchmarks/shift_results.sh PHASE [OUT]    PHASE: bn-iid | alpha-tune | correlated | bs1 | gn-ln | cema | continual | report
+#   bash benchmarks/shift_results.sh PHASE [OUT]
+# PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -21,7 +22,8 @@ case "$PHASE" in
           --seed 1 --limit 2000 --out "$OUT-tuning"
     done ;;
   alpha-best)
-    run --model resnet20 --method alpha_bn --config "{\"source_weight\": ${2:?best weight}}" --setting iid --batch-size 64 ;;
+    # WEIGHT: the source_weight with the lowest mean error among the alpha-tune runs (seed 1)
+    run --model resnet20 --method alpha_bn --config "{\"source_weight\": ${WEIGHT:?set WEIGHT}}" --setting iid --batch-size 64 ;;
   correlated)
     for m in source bn unmix_tns; do run --model resnet20 --method "$m" --setting correlated --batch-size 64; done ;;
   bs1)
