@@ -106,15 +106,23 @@ class EvalResult(Frozen):
 
     @property
     def method_label(self) -> str:
-        """The method name, plus a short hash of any non-default config so variants stay apart."""
+        """The method name plus its non-default config, short enough for a table cell.
+
+        Long overrides are shortened to a hash so that variants still stay apart.
+        """
         if not self.config_overrides:
             return self.method
-        digest = hashlib.sha256(json.dumps(self.config_overrides, sort_keys=True).encode()).hexdigest()[:6]
-        return f"{self.method}[{digest}]"
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.config_overrides.items()))
+        if len(shown) <= 40:
+            return f"{self.method}({shown})"
+        return f"{self.method}[{self._config_digest()}]"
+
+    def _config_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.config_overrides, sort_keys=True).encode()).hexdigest()[:6]
 
     def stem(self) -> str:
         """File name (without suffix) that distinguishes runs written into one folder."""
-        label = self.method_label.replace("[", "-").replace("]", "")
+        label = f"{self.method}-{self._config_digest()}" if self.config_overrides else self.method
         return f"{self.model.name}_{label}_{self.setting}_bs{self.batch_size}_sev{self.severity}_seed{self.seed}"
 
     def to_json(self) -> str:
