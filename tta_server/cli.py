@@ -93,7 +93,10 @@ def models(
     except CatalogueError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
-    table = Table("name", "arch", "norm", "origin", "classes", "input", "clean top-1", "weights")
+    table = Table(title="model catalogue")
+    for column in ("name", "arch", "norm", "origin", "classes", "input", "clean top-1", "sha256"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("weights", overflow="fold")
     measured = _measure(catalogue, evaluate) if evaluate is not None else {}
     for spec in catalogue.specs():
         acc = measured.get(spec.name, spec.clean_top1)
@@ -105,7 +108,8 @@ def models(
             str(len(spec.classes)),
             str(spec.input_size),
             f"{100 * acc:.2f}%" if acc is not None else "-",
-            str(spec.weights) if spec.weights.is_file() else f"[red]missing: {spec.weights}[/red]",
+            (spec.sha256 or "")[:8],
+            "ok" if spec.weights.is_file() else f"[red]missing: {spec.weights}[/red]",
         )
     console.print(table)
 
