@@ -132,6 +132,12 @@ async def reset_stream(stream_id: str, services: ServicesDep, principal: Princip
     return ResetResponse(stream_id=stream_id, step=step, version=version)
 
 
+def safetensors_download(blob: bytes, filename: str, version_header: str, version: int) -> Response:
+    """A safetensors attachment with its version in a header."""
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"', version_header: str(version)}
+    return Response(blob, media_type="application/octet-stream", headers=headers)
+
+
 @router.get(
     "/{stream_id}/state",
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors bytes"}, **ERRORS},
@@ -141,11 +147,7 @@ async def export_state(stream_id: str, services: ServicesDep, principal: Princip
     key = stream_key(principal, stream_id)
     services.store.get_stream(key)
     blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_state(key))
-    headers = {
-        "Content-Disposition": f'attachment; filename="{stream_id}.safetensors"',
-        "X-State-Version": str(version),
-    }
-    return Response(blob, media_type="application/octet-stream", headers=headers)
+    return safetensors_download(blob, f"{stream_id}.safetensors", "X-State-Version", version)
 
 
 @router.get(
@@ -159,11 +161,7 @@ async def export_parameters(stream_id: str, services: ServicesDep, principal: Pr
     key = stream_key(principal, stream_id)
     services.store.get_stream(key)
     blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_parameters(key))
-    headers = {
-        "Content-Disposition": f'attachment; filename="{stream_id}-parameters.safetensors"',
-        "X-Parameters-Version": str(version),
-    }
-    return Response(blob, media_type="application/octet-stream", headers=headers)
+    return safetensors_download(blob, f"{stream_id}-parameters.safetensors", "X-Parameters-Version", version)
 
 
 @router.put(
