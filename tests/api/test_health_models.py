@@ -48,3 +48,27 @@ def test_unknown_route_uses_error_shape(client: TestClient) -> None:
     assert r.json()["error"]["code"] == "not_found"
     r = client.post("/healthz")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openapi_documents_every_route_with_examples(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in (
+        "/v1/streams",
+        "/v1/streams/{stream_id}",
+        "/v1/streams/{stream_id}/predict",
+        "/v1/streams/{stream_id}/reset",
+        "/v1/streams/{stream_id}/state",
+        "/v1/streams/{stream_id}/parameters",
+        "/v1/streams/{stream_id}/drift",
+        "/v1/models",
+        "/v1/methods",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in paths, path
+    predict = paths["/v1/streams/{stream_id}/predict"]["post"]
+    assert {"multipart/form-data", "application/json", "application/x-npy"} <= set(predict["requestBody"]["content"])
+    assert "429" in predict["responses"] and "413" in predict["responses"]
+    create = paths["/v1/streams"]["post"]["requestBody"]["content"]["application/json"]
+    assert "examples" in create
