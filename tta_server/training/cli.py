@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,6 +32,9 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in run-dir")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 200,
     max_steps: Annotated[int | None, typer.Option(help="stop (resumably) after this many steps")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads; keep threads of all jobs <= cores")
+    ] = None,
 ) -> None:
     """Train a CIFAR ResNet with BN, GN or LN; resumable, with periodic checkpoints."""
     config = TrainConfig(
@@ -44,6 +48,8 @@ def train_command(
         train_data=train_data,
         test_data=test_data,
     )
+    if threads is not None:
+        torch.set_num_threads(threads)
     console = Console(stderr=True)
     log_every = 100  # plain progress lines when stderr is not a terminal (logs, CI)
     columns = (
