@@ -102,10 +102,15 @@ class StreamRunner:
         adapter = self.adapter(record.model, record.method, record.config)
         return loaded, adapter, self.prepared_model(record.model, record.method, adapter)
 
-    def current_state(self, record: StreamRecord) -> tuple[StreamState, int, int]:
-        """(state, version, samples seen); the source state at version 0 before the first write."""
+    def current_state(
+        self, record: StreamRecord, context: tuple[LoadedModel, Adapter[Any], nn.Module]
+    ) -> tuple[StreamState, int, int]:
+        """(state, version, samples seen); the source state at version 0 before the first write.
+
+        ``context`` is the stream's ``_context``, looked up once by the caller.
+        """
         stored = self.store.load_state(record.key)
-        loaded, adapter, prepared = self._context(record)
+        loaded, adapter, prepared = context
         if stored is not None:
             if stored.state.meta.model_hash != loaded.sha256:
                 made_for = stored.state.meta.model_hash[:12]
@@ -126,12 +131,13 @@ class StreamRunner:
         (up to ``CAS_ATTEMPTS`` times), so no acknowledged adaptation step is ever lost.
         """
         record = self.store.get_stream(key)
-        loaded, adapter, prepared = self._context(record)
+        context = self._context(record)
+        loaded, adapter, prepared = context
         spec = loaded.spec
         x = normalize(to_device(to_tensor_batch(images), self.hub.device), spec.mean, spec.std, spec.input_size)
         labels = (record.model, record.method)
         for attempt in range(1, CAS_ATTEMPTS + 1):
-            state, version, seen = self.current_state(record)
+            state, version, seen = self.current_state(record, context)
             started = time.perf_counter()
             result = adapter.step(prepared, x, state, adapt=adapt)
             elapsed = time.perf_counter() - started
@@ -211,14 +217,16 @@ class StreamRunner:
 
     def export_state(self, key: StreamKey) -> tuple[bytes, int]:
         """The stream's state as safetensors bytes, and its version."""
-        state, version, _ = self.current_state(self.store.get_stream(key))
+        record = self.store.get_stream(key)
+        state, version, _ = self.current_state(record, self._context(record))
         return state_to_bytes(state), version
 
     def export_parameters(self, key: StreamKey) -> tuple[bytes, int]:
         """The adapted tensors under the model's own names (for an edge device), and their version."""
         record = self.store.get_stream(key)
-        _, adapter, _ = self._context(record)
-        state, _, _ = self.current_state(record)
+        context = self._context(record)
+        state, _, _ = self.current_state(record, context)
+        adapter = context[1]
         version, tensors = adapter.export_tensors(state)
         payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"method": record.method, "model": record.model, "version": str(version)}
@@ -227,11 +235,12 @@ class StreamRunner:
     def import_state(self, key: StreamKey, blob: bytes) -> tuple[int, int]:
         """Replace the stream's state with ``blob`` after checking it fits; returns (step, version)."""
         record = self.store.get_stream(key)
-        loaded, adapter, prepared = self._context(record)
+        context = self._context(record)
+        loaded, adapter, prepared = context
         incoming = state_from_bytes(blob, device=self.hub.device)
         reference = adapter.init_state(prepared, record.seed, loaded.sha256)
         check_state_fits(incoming, reference, record)
-        _, version, seen = self.current_state(record)
+        _, version, seen = self.current_state(record, context)
         new_version = self.store.save_state(key, incoming, version, seen)
         return incoming.meta.step, new_version
 
