@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
-# PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual | report
+# PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | cost | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -40,6 +41,30 @@ case "$PHASE" in
     run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid --batch-size 64 ;;
   continual)
     for m in source bn adab2n; do run --model resnet20 --method "$m" --setting continual --batch-size 16; done ;;
+  unmix-tune)
+    # UnMix-TNS momentum (batch_size_max) and assignment temperature, on seed 1 only
+    for bmax in 64 16 4; do
+      for tau in 0.07 1.0; do
+        cfg="{\"batch_size_max\": $bmax, \"temperature\": $tau}"
+        run --model resnet20 --method unmix_tns --config "$cfg" --setting iid --batch-size 64 --seed 1 --limit 2000 \
+            --out "$OUT-tuning"
+      done
+    done
+    for bmax in 64 8 1; do
+      for tau in 0.07 1.0; do
+        cfg="{\"batch_size_max\": $bmax, \"temperature\": $tau}"
+        run --model resnet20 --method unmix_tns --config "$cfg" --setting iid --batch-size 1 --seed 1 --limit 1000 \
+            --out "$OUT-tuning"
+      done
+    done ;;
+  unmix-best)
+    # BS64_CONFIG / BS1_CONFIG: the unmix-tune configs with the lowest mean error (seed 1) at each batch size
+    run --model resnet20 --method unmix_tns --config "${BS64_CONFIG:?set BS64_CONFIG}" --setting iid --batch-size 64
+    run --model resnet20 --method unmix_tns --config "${BS1_CONFIG:?set BS1_CONFIG}" --setting iid --batch-size 1 \
+        --limit 1000 ;;
+  cost)
+    .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
+        --markdown docs/cost.md ;;
   report)
     $TTA report "$OUT" --out docs/results.md --plots docs/plots ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
