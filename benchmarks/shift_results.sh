@@ -37,7 +37,7 @@ case "$PHASE" in
       done
     done ;;
   cema)
-    run --model resnet20 --method source --setting iid --batch-size 64
+    # the edge's `source` baseline is the bn-iid phase's run
     run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid --batch-size 64 ;;
   continual)
     for m in source bn adab2n; do run --model resnet20 --method "$m" --setting continual --batch-size 16; done ;;
@@ -51,11 +51,9 @@ case "$PHASE" in
       done
     done
     for bmax in 64 8 1; do
-      for tau in 0.07 1.0; do
-        cfg="{\"batch_size_max\": $bmax, \"temperature\": $tau}"
-        run --model resnet20 --method unmix_tns --config "$cfg" --setting iid --batch-size 1 --seed 1 --limit 1000 \
-            --out "$OUT-tuning"
-      done
+      cfg="{\"batch_size_max\": $bmax}"
+      run --model resnet20 --method unmix_tns --config "$cfg" --setting iid --batch-size 1 --seed 1 --limit 1000 \
+          --out "$OUT-tuning"
     done ;;
   unmix-best)
     # BS64_CONFIG / BS1_CONFIG: the unmix-tune configs with the lowest mean error (seed 1) at each batch size
