@@ -165,7 +165,7 @@ def shifted_batches(
     noisy = corrupt(images, "gaussian_noise", 5, seed=0)
     order = np.arange(batch_size * count) % len(noisy)
     x = normalize(to_tensor_batch(noisy[order]), mean, std)
-    return list(x.split(batch_size))
+    return list(torch.split(x, batch_size))
 
 
 def add_ratios(rows: list[CostRow]) -> None:

@@ -16,7 +16,7 @@ from tests.contract.test_adapter_contract import TEST_CONFIGS, batches, tiny_mod
 
 def _measure(method: str, norm: NormKind = NormKind.BN) -> CostRow:
     adapter = create_adapter(method, TEST_CONFIGS.get(method, {}))
-    aux = {role: tiny_model(norm, seed=1, width=16) for role in adapter.auxiliary_models()}
+    aux: dict[str, torch.nn.Module] = {r: tiny_model(norm, seed=1, width=16) for r in adapter.auxiliary_models()}
     return measure("tiny", tiny_model(norm), adapter, aux, batches(8, 8), warmup=2)
 
 
