@@ -45,7 +45,7 @@ from adapters.errors import AuxiliaryModelError, UnsupportedModelError
 from adapters.registry import method_names
 from tta_server.data.datasets import load_labeled_images
 from tta_server.shift.corruptions import corrupt
-from tta_server.zoo.catalogue import build_catalogue
+from tta_server.zoo.catalogue import LoadedModel, build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
 DEFAULT_DATA = Path("../shared/data/cifar10_test_first846.npz")
@@ -158,13 +158,12 @@ def measure(
     )
 
 
-def shifted_batches(
+def normalized_batches(
     images: np.ndarray, mean: Sequence[float], std: Sequence[float], batch_size: int, count: int
 ) -> list[torch.Tensor]:
-    """``count`` normalized batches of Gaussian-noise (severity 5) images, cycling through ``images``."""
-    noisy = corrupt(images, "gaussian_noise", 5, seed=0)
-    order = np.arange(batch_size * count) % len(noisy)
-    x = normalize(to_tensor_batch(noisy[order]), mean, std)
+    """``count`` normalized batches of ``batch_size``, cycling through the uint8 ``images``."""
+    order = np.arange(batch_size * count) % len(images)
+    x = normalize(to_tensor_batch(images[order]), mean, std)
     return list(torch.split(x, batch_size))
 
 
@@ -214,19 +213,23 @@ def run(args: argparse.Namespace) -> tuple[list[CostRow], list[str]]:
     catalogue = build_catalogue(args.models_dir)
     models = args.models or catalogue.names()
     methods = args.methods or method_names()
-    images = load_labeled_images(args.data).x
+    noisy = corrupt(load_labeled_images(args.data).x, "gaussian_noise", 5, seed=0)  # once for every run
     rows: list[CostRow] = []
     skipped: list[str] = []
     jobs = [(m, meth, b) for m in models for b in args.batch_size for meth in methods]
-    loaded_cache: dict[str, Any] = {}
+    loaded_cache: dict[str, LoadedModel] = {}
+
+    def load(name: str) -> LoadedModel:
+        if name not in loaded_cache:
+            loaded_cache[name] = catalogue.load(name)
+        return loaded_cache[name]
+
     for model_name, method, batch_size in track(jobs, description="method cost"):
-        if model_name not in loaded_cache:
-            loaded_cache[model_name] = catalogue.load(model_name)
-        loaded = loaded_cache[model_name]
+        loaded = load(model_name)
         adapter = create_adapter(method, method_config(method, args.teacher))
-        aux = {role: catalogue.load(name).model for role, name in adapter.auxiliary_models().items()}
+        aux = {role: load(name).model for role, name in adapter.auxiliary_models().items()}
         steps = args.steps if batch_size > 1 else args.steps_bs1
-        batches = shifted_batches(images, loaded.spec.mean, loaded.spec.std, batch_size, args.warmup + steps)
+        batches = normalized_batches(noisy, loaded.spec.mean, loaded.spec.std, batch_size, args.warmup + steps)
         try:
             row = measure(model_name, loaded.model, adapter, aux, batches, args.warmup)
         except AuxiliaryModelError:

@@ -10,7 +10,7 @@ from adapters import create_adapter
 from adapters.errors import UnsupportedModelError
 from adapters.norms import NormKind
 from adapters.registry import method_names
-from benchmarks.method_cost import CostRow, PassCounter, add_ratios, markdown, measure, shifted_batches
+from benchmarks.method_cost import CostRow, PassCounter, add_ratios, markdown, measure, normalized_batches
 from tests.contract.test_adapter_contract import TEST_CONFIGS, batches, tiny_model
 
 
@@ -31,8 +31,9 @@ def test_counted_passes_match_what_the_method_reports(method: str) -> None:
 
 
 def test_known_pass_counts() -> None:
-    assert (_measure("source").forwards, _measure("source").backwards) == ({"model": 1.0}, 0.0)
-    assert (_measure("tent").forwards, _measure("tent").backwards) == ({"model": 1.0}, 1.0)
+    source, tent = _measure("source"), _measure("tent")
+    assert (source.forwards, source.backwards) == ({"model": 1.0}, 0.0)
+    assert (tent.forwards, tent.backwards) == ({"model": 1.0}, 1.0)
     sar = _measure("sar", NormKind.GN)
     assert (sar.forwards, sar.backwards) == ({"model": 2.0}, 2.0)  # SAM: two forwards, two backwards
     cema = _measure("cema")
@@ -60,9 +61,9 @@ def test_backward_counter_restores_autograd_grad() -> None:
     assert counter.backwards == 1 and torch.autograd.grad is original
 
 
-def test_shifted_batches_cycle_through_the_images() -> None:
+def test_normalized_batches_cycle_through_the_images() -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
-    out = shifted_batches(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), batch_size=4, count=3)
+    out = normalized_batches(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), batch_size=4, count=3)
     assert [b.shape for b in out] == [torch.Size([4, 3, 32, 32])] * 3
     assert torch.equal(out[0][0], out[1][1])  # image 0 again at position 5
 
