@@ -43,7 +43,7 @@ case "$PHASE" in
     for m in source bn adab2n; do run --model resnet20 --method "$m" --setting continual --batch-size 16; done ;;
   unmix-tune)
     # UnMix-TNS momentum (batch_size_max) and assignment temperature, on seed 1 only
-    for bmax in 64 16 4; do
+    for bmax in 64 16 4 1; do
       for tau in 0.07 1.0; do
         cfg="{\"batch_size_max\": $bmax, \"temperature\": $tau}"
         run --model resnet20 --method unmix_tns --config "$cfg" --setting iid --batch-size 64 --seed 1 --limit 2000 \

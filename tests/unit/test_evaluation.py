@@ -18,8 +18,8 @@ from adapters import registry
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
 from adapters.norms import NormKind
 from tta_server.cli import app
-from tta_server.evaluation.report import build_report, group_rows, load_results
-from tta_server.evaluation.results import EvalResult, read_result, write_result
+from tta_server.evaluation.report import Row, build_report, group_rows, load_results, table, used_cell
+from tta_server.evaluation.results import EvalResult, Work, read_result, run_markdown, write_result
 from tta_server.evaluation.runner import EvalError, EvalSpec, Tally, run_eval, subset
 from tta_server.shift.corruptions import Domain
 from tta_server.shift.streams import Setting
@@ -85,9 +85,9 @@ class Recorder(Adapter[RecorderConfig]):
         with torch.no_grad():
             logits = model(x)
         tensors = {"steps": state.tensors["steps"] + 1}
-        return StepResult(
-            logits, StreamState(tensors, state.meta), StepInfo(adapted=True, samples=len(x), samples_used=0)
-        )
+        used = len(x) // 2
+        info = StepInfo(True, len(x), used, forwards=2, backwards=1, samples_filtered=len(x) - used)
+        return StepResult(logits, StreamState(tensors, state.meta), info)
 
     def reset(self, model: nn.Module, state: StreamState) -> StreamState:
         self.events.append(f"reset after {int(state.tensors['steps'])}")
@@ -122,6 +122,8 @@ def test_source_run_scores_and_records_everything(tmp_path: Path, tiny_npz: Path
     assert result.model.sha256 and result.versions["torch"] == torch.__version__ and result.threads == 1
     assert result.curve.positions[-1] == 128 and result.curve.domain[-1] == "contrast-5"
     assert result.dataset.n == 64 and result.dataset.classes == 4
+    assert result.work is not None and (result.work.steps, result.work.adapted_steps) == (8, 0)
+    assert (result.work.samples, result.work.samples_used, result.work.forwards) == (128, 0, 8)
     json_path, md_path = write_result(result, tmp_path / "out")
     assert read_result(json_path) == result
     assert "| gaussian_noise |" in md_path.read_text() and "**mean**" in md_path.read_text()
@@ -136,6 +138,11 @@ def test_new_methods_plug_in_through_the_registry(
     Recorder.events.clear()
     result = run_eval(spec(tmp_path, tiny_npz, tiny_model, method="test-recorder", setting=Setting.IID))
     assert Recorder.events == ["init", "reset after 4", "init"] and result.resets == 1  # base reset re-inits
+    work = result.work
+    assert work is not None and (work.steps, work.adapted_steps, work.samples) == (8, 8, 128)
+    assert (work.samples_used, work.samples_filtered, work.forwards, work.backwards) == (64, 64, 16, 8)
+    assert work.used_ratio == pytest.approx(0.5)
+    assert "64 of 128 samples used by updates (50.0%)" in run_markdown(result)
     Recorder.events.clear()
     run_eval(spec(tmp_path, tiny_npz, tiny_model, method="test-recorder", setting=Setting.CONTINUAL))
     assert Recorder.events == ["init"]
@@ -239,6 +246,15 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     assert len(pngs) == 4 and all(p.startswith("resnet20-data-test-sev5-") for p in pngs)
     assert "](plots/resnet20-data-test-sev5-iid-bs64-errors.png)" in markdown
     assert "## resnet20 on data/test, severity 5" in markdown
+
+
+def test_report_shows_the_share_of_samples_updates_used() -> None:
+    old = fake_result("cema", "iid", 64, {"fog": 20.0})
+    work = Work(steps=4, adapted_steps=4, samples=256, samples_used=64, samples_filtered=192, forwards=8, backwards=4)
+    new = old.model_copy(update={"work": work})
+    assert used_cell([old]) == "-" and used_cell([new]) == "25.0" and used_cell([new, old]) == "25.0"
+    assert EvalResult.model_validate_json(new.to_json()).work == work
+    assert "| 25.0 |" in table([Row("cema", "iid", 64, (new,))])
 
 
 def test_cli_eval_then_report(tmp_path: Path, tiny_npz: Path, tiny_model: Path) -> None:

@@ -135,17 +135,23 @@ def columns(rows: Sequence[Row]) -> list[str]:
 def table(rows: Sequence[Row]) -> str:
     """Markdown table: method | setting | batch | per-corruption error % | mean | seeds."""
     cols = columns(rows)
-    head = ["method", "setting", "batch", *(SHORT.get(c, c) for c in cols), "mean", "seeds", "img/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(cols) + 1) + "---|---:|"]
+    head = ["method", "setting", "batch", *(SHORT.get(c, c) for c in cols), "mean", "seeds", "img/s", "used %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(cols) + 1) + "---|---:|---:|"]
     for row in rows:
         cells = [row.method, row.setting, str(row.batch_size)]
         for c in cols:
             e = row.error(c)
             cells.append(fmt(e) if e is not None else "-")
         speed = float(np.mean([r.timing.images_per_s for r in row.runs]))
-        cells += [f"**{fmt(row.mean_error)}**", row.seeds, f"{speed:.0f}"]
+        cells += [f"**{fmt(row.mean_error)}**", row.seeds, f"{speed:.0f}", used_cell(row.runs)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def used_cell(runs: Sequence[EvalResult]) -> str:
+    """Mean share of samples the updates used (CEMA: uploads), or '-' where it was not recorded."""
+    ratios = [r.work.used_ratio for r in runs if r.work is not None]
+    return f"{100 * float(np.mean(ratios)):.1f}" if ratios else "-"
 
 
 def context_lines(results: Sequence[EvalResult]) -> list[str]:
@@ -158,7 +164,8 @@ def context_lines(results: Sequence[EvalResult]) -> list[str]:
         f"- runs: {len(results)}, measured {dates[0][:10]} to {dates[-1][:10]} on {', '.join(machines)} "
         f"({', '.join(devices)}), torch {first.versions.get('torch', '?')}",
         "- error % per corruption (lower is better); mean = mean over the corruptions of the row; "
-        "img/s = adaptation throughput (model input + adapter step)",
+        "img/s = adaptation throughput (model input + adapter step); used % = share of the samples "
+        "that updates used (CEMA: uploaded; SAR: passed the reliability filter; '-' = not recorded)",
     ]
 
 

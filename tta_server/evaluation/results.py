@@ -61,6 +61,28 @@ class ModelInfo(Frozen):
     sha256: str
 
 
+class Work(Frozen):
+    """What the adapter reported over the whole run, summed over steps.
+
+    ``samples_used`` counts the samples an update actually used (for CEMA: the uploads to the
+    server side), ``samples_filtered`` those a reliability or redundancy filter excluded;
+    ``forwards``/``backwards`` count passes, including replay and teacher batches.
+    """
+
+    steps: int = Field(ge=0)
+    adapted_steps: int = Field(ge=0)
+    samples: int = Field(ge=0)
+    samples_used: int = Field(ge=0)
+    samples_filtered: int = Field(ge=0)
+    forwards: int = Field(ge=0)
+    backwards: int = Field(ge=0)
+
+    @property
+    def used_ratio(self) -> float:
+        """Share of the stream's samples an update used (CEMA's upload ratio)."""
+        return self.samples_used / max(self.samples, 1)
+
+
 class Timing(Frozen):
     """Seconds of wall time; ``images_per_s`` counts adaptation steps only (no data generation)."""
 
@@ -94,6 +116,7 @@ class EvalResult(Frozen):
     n_batches: int
     resets: int
     timing: Timing
+    work: Work | None = Field(None, description="absent in records written before it was measured")
     curve: Curve
     device: str
     threads: int
@@ -159,6 +182,7 @@ def run_markdown(result: EvalResult) -> str:
         f"{result.timing.images_per_s:.0f} images/s on {result.device} ({result.threads} threads)",
         f"- {result.started_at}, torch {result.versions.get('torch', '?')}, "
         f"tta-server {result.versions.get('tta-server', '?')}",
+        *work_lines(result.work),
         "",
         "| corruption | error % | accuracy % | n |",
         "|---|---:|---:|---:|",
@@ -167,6 +191,18 @@ def run_markdown(result: EvalResult) -> str:
         lines.append(f"| {d.corruption} | {fmt(d.error)} | {fmt(d.accuracy)} | {d.n} |")
     lines.append(f"| **mean** | **{fmt(result.mean_error)}** | **{fmt(result.mean_accuracy)}** | {result.n_images} |")
     return "\n".join(lines) + "\n"
+
+
+def work_lines(work: Work | None) -> list[str]:
+    """One context line on what the adapter did (absent in records that predate the count)."""
+    if work is None:
+        return []
+    return [
+        f"- adapter work: {work.adapted_steps} of {work.steps} steps adapted; "
+        f"{work.samples_used} of {work.samples} samples used by updates ({100 * work.used_ratio:.1f}%), "
+        f"{work.samples_filtered} filtered out; {work.forwards / max(work.steps, 1):.2f} forwards and "
+        f"{work.backwards / max(work.steps, 1):.2f} backwards per batch"
+    ]
 
 
 def write_result(result: EvalResult, out_dir: Path) -> tuple[Path, Path]:

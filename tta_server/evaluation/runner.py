@@ -11,6 +11,7 @@ method registered in ``adapters`` is therefore benchmarked with no change here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 import adapters
-from adapters.base import Adapter, StreamState
+from adapters.base import Adapter, StepInfo, StreamState
 from tta_server.data.datasets import LabeledImages, load_labeled_images
 from tta_server.evaluation.environment import machine_info, package_versions
 from tta_server.evaluation.results import (
@@ -33,6 +34,7 @@ from tta_server.evaluation.results import (
     EvalResult,
     ModelInfo,
     Timing,
+    Work,
 )
 from tta_server.shift.cache import CorruptedSets, dataset_fingerprint
 from tta_server.shift.domains import CLEAN, CORRUPTIONS, Domain
@@ -187,6 +189,31 @@ def prepare_method(
     return adapter.prepare(copy.deepcopy(loaded.model)), aux_info
 
 
+@dataclass
+class WorkCounter:
+    """Sums what every step's ``StepInfo`` reports (passes, samples used and filtered)."""
+
+    steps: int = 0
+    adapted_steps: int = 0
+    samples: int = 0
+    samples_used: int = 0
+    samples_filtered: int = 0
+    forwards: int = 0
+    backwards: int = 0
+
+    def add(self, info: StepInfo) -> None:
+        self.steps += 1
+        self.adapted_steps += int(info.adapted)
+        self.samples += info.samples
+        self.samples_used += info.samples_used
+        self.samples_filtered += info.samples_filtered
+        self.forwards += info.forwards
+        self.backwards += info.backwards
+
+    def record(self) -> Work:
+        return Work(**dataclasses.asdict(self))
+
+
 def run_stream(
     adapter: Adapter[Any],
     prepared: nn.Module,
@@ -195,8 +222,12 @@ def run_stream(
     loaded: LoadedModel,
     device: str,
     progress: Progress,
+    work: WorkCounter | None = None,
 ) -> tuple[Tally, int, float, float]:
-    """Feed the stream through the adapter; returns (tally, resets, data seconds, adapt seconds)."""
+    """Feed the stream through the adapter; returns (tally, resets, data seconds, adapt seconds).
+
+    ``work``, when given, accumulates every step's reported passes and sample counts.
+    """
     spec = loaded.spec
     tally = Tally(len(stream.domains))
     resets, data_s, adapt_s = 0, 0.0, 0.0
@@ -216,6 +247,8 @@ def run_stream(
         x = normalize(to_tensor_batch(batch.x).to(device), spec.mean, spec.std, spec.input_size)
         result = adapter.step(prepared, x, state)
         state = result.state
+        if work is not None:
+            work.add(result.info)
         predicted = result.logits.detach().argmax(dim=1).cpu().numpy()
         adapt_s += time.perf_counter() - t1
         tally.add(predicted == batch.y, batch.domain_ids)
@@ -261,7 +294,10 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
     with CorruptedSets(data, spec.seed, spec.cache_dir, persistent=spec.persistent_cache) as sets:
         stream = Stream(spec.setting, domains, data.y, sets, spec.batch_size, spec.seed, spec.dirichlet_delta)
         progress.start(stream.n_samples, domains[0].name)
-        tally, resets, data_s, adapt_s = run_stream(adapter, prepared, state, stream, loaded, spec.device, progress)
+        work = WorkCounter()
+        tally, resets, data_s, adapt_s = run_stream(
+            adapter, prepared, state, stream, loaded, spec.device, progress, work
+        )
     scores = [
         DomainScore(
             corruption=d.corruption,
@@ -307,6 +343,7 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
             adapt_s=round(adapt_s, 3),
             images_per_s=round(n_images / max(adapt_s, 1e-9), 1),
         ),
+        work=work.record(),
         curve=tally.curve(domains),
         device=spec.device,
         threads=torch.get_num_threads(),
