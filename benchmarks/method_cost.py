@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import platform
 import sys
@@ -44,6 +43,7 @@ from adapters.base import Adapter, StreamState
 from adapters.errors import AuxiliaryModelError, UnsupportedModelError
 from adapters.registry import method_names
 from tta_server.data.datasets import load_labeled_images
+from tta_server.evaluation.runner import prepare_models
 from tta_server.shift.corruptions import corrupt
 from tta_server.zoo.catalogue import LoadedModel, build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
@@ -112,17 +112,12 @@ def measure(
     """Run ``adapter`` over ``batches`` (the first ``warmup`` untimed) and count what it costs.
 
     ``auxiliary`` maps role -> *unprepared* model for the roles the adapter names; they are
-    prepared here, exactly as the server prepares them, and hooked before binding.
+    prepared as ``tta-server eval`` prepares them, then hooked (the adapter holds the same
+    module objects, so the hooks see every pass it runs).
     """
     counter = PassCounter({})
-    handles = []
-    prepared_aux = {role: adapter.prepare(copy.deepcopy(m)) for role, m in auxiliary.items()}
-    for role, aux in prepared_aux.items():
-        handles.append(counter.hook(role, aux))
-    if prepared_aux:
-        adapter.bind_auxiliary(prepared_aux)
-    adapter.check_model(model)
-    prepared = adapter.prepare(copy.deepcopy(model))
+    prepared, prepared_aux = prepare_models(adapter, model, auxiliary)
+    handles = [counter.hook(role, aux) for role, aux in prepared_aux.items()]
     handles.append(counter.hook("model", prepared))
     state: StreamState = adapter.init_state(prepared, seed=0)
     initial_bytes = state.nbytes()

@@ -168,25 +168,33 @@ def subset(data: LabeledImages, limit: int | None, seed: int) -> LabeledImages:
     return data.subset(picks)
 
 
+def prepare_models(
+    adapter: Adapter[Any], model: nn.Module, auxiliary: Mapping[str, nn.Module]
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Prepare private copies of ``model`` and the auxiliary models (role -> model) and bind them.
+
+    The order matters and is the server's: auxiliary models are prepared and bound first,
+    because a method may check the main model against them (CEMA needs its teacher).
+    Everything is deep-copied, so the given models stay untouched and can be shared.
+    """
+    prepared_aux = {role: adapter.prepare(copy.deepcopy(m)) for role, m in auxiliary.items()}
+    if prepared_aux:
+        adapter.bind_auxiliary(prepared_aux)
+    adapter.check_model(model)
+    return adapter.prepare(copy.deepcopy(model)), prepared_aux
+
+
 def prepare_method(
     adapter: Adapter[Any], loaded: LoadedModel, load_model: Callable[[str, str], LoadedModel], device: str
 ) -> tuple[nn.Module, dict[str, ModelInfo]]:
-    """Bind auxiliary models (if the method names any), check the model, prepare a private copy.
+    """Load the auxiliary models the method names, then prepare everything (``prepare_models``).
 
     ``load_model(name, device)`` resolves an auxiliary model name (the catalogue's ``load``).
     """
-    aux_info: dict[str, ModelInfo] = {}
-    wanted = getattr(adapter, "auxiliary_models", None)
-    named: Mapping[str, str] = wanted() if callable(wanted) else {}
-    if named:
-        prepared_aux = {}
-        for role, name in named.items():
-            aux = load_model(name, device)
-            prepared_aux[role] = adapter.prepare(copy.deepcopy(aux.model))
-            aux_info[role] = ModelInfo(name=aux.spec.name, arch=aux.spec.arch, sha256=aux.sha256)
-        adapter.bind_auxiliary(prepared_aux)
-    adapter.check_model(loaded.model)
-    return adapter.prepare(copy.deepcopy(loaded.model)), aux_info
+    aux = {role: load_model(name, device) for role, name in adapter.auxiliary_models().items()}
+    prepared, _ = prepare_models(adapter, loaded.model, {role: a.model for role, a in aux.items()})
+    info = {role: ModelInfo(name=a.spec.name, arch=a.spec.arch, sha256=a.sha256) for role, a in aux.items()}
+    return prepared, info
 
 
 @dataclass
