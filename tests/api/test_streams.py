@@ -38,6 +38,29 @@ def test_create_get_list_delete(client: TestClient) -> None:
     assert client.delete("/v1/streams/cam-1").status_code == 404
 
 
+def test_listing_and_describing_read_state_summaries_not_states(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create(client, stream_id="busy", method="tent")
+    create(client, stream_id="idle", method="tent")
+    assert client.post("/v1/streams/busy/predict", content=npy_bytes(random_images(4)), headers=NPY).status_code == 200
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+
+    def no_blob(*_: object) -> None:
+        raise AssertionError("a listing loaded a whole state")
+
+    monkeypatch.setattr(store, "load_state", no_blob)
+    listed = {s["stream_id"]: s for s in client.get("/v1/streams").json()["streams"]}
+    busy, idle = listed["busy"], listed["idle"]
+    assert (busy["steps"], busy["samples_seen"], busy["version"]) == (1, 4, 1) and busy["state_bytes"] > 0
+    assert (idle["steps"], idle["samples_seen"], idle["version"], idle["state_bytes"]) == (0, 0, 0, 0)
+    assert idle["updated_at"] is None and busy["updated_at"] > 0
+    described = client.get("/v1/streams/busy").json()
+    assert {k: described[k] for k in ("steps", "samples_seen", "version", "state_bytes")} == {
+        k: busy[k] for k in ("steps", "samples_seen", "version", "state_bytes")
+    }
+
+
 def test_duplicate_id_is_409_and_changes_nothing(client: TestClient) -> None:
     create(client, stream_id="dup")
     r = client.post("/v1/streams", json={"model": "resnet20", "method": "source", "stream_id": "dup"})

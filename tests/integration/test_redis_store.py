@@ -243,3 +243,22 @@ def test_a_retried_write_is_recognised_not_reported_as_conflict(make_store: Stor
     later = StoredState(state(3.0, 3), 3, 3, time.time())
     # A write whose outcome was never learned (token) is accepted as this replica's own base.
     assert store._write(key, rec, later, 0, uuid.uuid4().hex, [token], False) == (1, 3)
+
+
+def test_state_summaries_read_small_fields_and_pending_steps_from_the_cache(make_store: StoreFactory) -> None:
+    writer = make_store(policy=WritePolicy(WriteMode.WRITE_BEHIND, every_steps=2, every_seconds=60))
+    reader = make_store(cache_max_streams=0)
+    key, empty = StreamKey("t", "sum"), StreamKey("t", "empty")
+    writer.create_stream(record("t", "sum"))
+    writer.create_stream(record("t", "empty"))
+    writer.save_state(key, state(1.0, 1), 0, 8)
+    pending = writer.state_summaries([key, empty])
+    assert list(pending) == [key] and (pending[key].version, pending[key].steps, pending[key].samples_seen) == (1, 1, 8)
+    assert reader.state_summaries([key, empty]) == {}  # nothing persisted yet
+    writer.save_state(key, state(2.0, 2), 1, 16)  # second step: flushed
+    with mock.patch.object(RedisStateStore, "load_state", side_effect=AssertionError("blob read")):
+        remote = reader.state_summaries([key])[key]
+    assert (remote.version, remote.steps, remote.samples_seen) == (2, 2, 16)
+    blob = reader.client.hget(reader.keys.state(key), "b")
+    assert isinstance(blob, bytes) and remote.state_bytes == len(blob) > 0
+    assert remote.updated_at == pytest.approx(time.time(), abs=60)

@@ -58,3 +58,19 @@ def test_lru_bound_and_idle_ttl() -> None:
     now[0] = 12  # a idle for 12s > 10s, c for 7s
     assert [r.key.stream_id for r in store.list_streams("t", 0, 10)[0]] == ["c"]
     assert store.count() == 1 and store.evictions == 2
+
+
+def test_state_summaries_describe_without_touching() -> None:
+    now = [0.0]
+    store = MemoryStateStore(ttl_seconds=10, clock=lambda: now[0])
+    with_state, without = StreamKey("t", "a"), StreamKey("t", "b")
+    store.create_stream(record("t", "a"))
+    store.create_stream(record("t", "b"))
+    state = StreamState({"x": torch.zeros(4)}, StateMeta("bn", {}, "h", step=3))
+    store.save_state(with_state, state, 0, 12)
+    summaries = store.state_summaries([with_state, without, StreamKey("t", "gone")])
+    assert list(summaries) == [with_state]
+    summary = summaries[with_state]
+    assert (summary.version, summary.steps, summary.samples_seen, summary.state_bytes) == (1, 3, 12, 16)
+    now[0] = 11.0  # describing is not using: the idle TTL was not refreshed
+    assert store.state_summaries([with_state]) == {} and store.count() == 0

@@ -21,7 +21,7 @@ from tta_server.api.schemas import (
     WindowOut,
 )
 from tta_server.auth import Principal
-from tta_server.state.base import StreamKey, StreamRecord
+from tta_server.state.base import StateSummary, StreamKey, StreamRecord
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
 
@@ -34,8 +34,9 @@ def stream_key(principal: Principal, stream_id: str) -> StreamKey:
     return StreamKey(principal.tenant, stream_id)
 
 
-def stream_out(services: Services, record: StreamRecord, with_drift: bool = True) -> StreamOut:
-    stored = services.store.load_state(record.key)
+def stream_out(
+    services: Services, record: StreamRecord, summary: StateSummary | None, with_drift: bool = True
+) -> StreamOut:
     num_classes = len(services.hub.catalogue.get(record.model).classes)
     drift = services.drift.summary(record.key, num_classes).short if with_drift else None
     return StreamOut(
@@ -47,11 +48,11 @@ def stream_out(services: Services, record: StreamRecord, with_drift: bool = True
         seed=record.seed,
         metadata=record.metadata,
         created_at=record.created_at,
-        updated_at=stored.updated_at if stored else None,
-        steps=stored.state.meta.step if stored else 0,
-        samples_seen=stored.samples_seen if stored else 0,
-        version=stored.version if stored else 0,
-        state_bytes=stored.state.nbytes() if stored else 0,
+        updated_at=summary.updated_at if summary else None,
+        steps=summary.steps if summary else 0,
+        samples_seen=summary.samples_seen if summary else 0,
+        version=summary.version if summary else 0,
+        state_bytes=summary.state_bytes if summary else 0,
         drift=WindowOut(**vars(drift)) if drift else None,
     )
 
@@ -93,7 +94,7 @@ async def create_stream(body: StreamCreate, services: ServicesDep, principal: Pr
         created_at=time.time(),
     )
     services.store.create_stream(record)
-    return stream_out(services, record)
+    return stream_out(services, record, None)
 
 
 @router.get("", response_model=StreamPage, responses=ERRORS, summary="List streams (paged)")
@@ -106,14 +107,19 @@ def list_streams(
 ) -> StreamPage:
     tenant = None if (all_tenants and principal.admin) else principal.tenant
     records, total = services.store.list_streams(tenant, offset, limit)
+    summaries = services.store.state_summaries([r.key for r in records])
     return StreamPage(
-        streams=[stream_out(services, r, with_drift=False) for r in records], total=total, offset=offset, limit=limit
+        streams=[stream_out(services, r, summaries.get(r.key), with_drift=False) for r in records],
+        total=total,
+        offset=offset,
+        limit=limit,
     )
 
 
 @router.get("/{stream_id}", response_model=StreamOut, responses=ERRORS, summary="Describe a stream")
 def get_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
-    return stream_out(services, services.store.get_stream(stream_key(principal, stream_id)))
+    record = services.store.get_stream(stream_key(principal, stream_id))
+    return stream_out(services, record, services.store.state_summaries([record.key]).get(record.key))
 
 
 @router.delete("/{stream_id}", status_code=204, responses=ERRORS, summary="Delete a stream and its state")

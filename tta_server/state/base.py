@@ -9,6 +9,7 @@ instead of silently overwriting a newer state (compare-and-set).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,6 +70,28 @@ class StoredState:
     updated_at: float
 
 
+@dataclass(frozen=True)
+class StateSummary:
+    """What a stream description shows of its state, without the tensors.
+
+    Listing streams must not move every stream's state (CEMA's replay buffer alone is tens of
+    megabytes) across the network; a summary is a few numbers. ``state_bytes`` is the size the
+    store holds: the tensors' bytes in memory, the serialized blob in Redis.
+    """
+
+    version: int
+    steps: int
+    samples_seen: int
+    updated_at: float
+    state_bytes: int
+
+    @classmethod
+    def of(cls, stored: StoredState) -> StateSummary:
+        return cls(
+            stored.version, stored.state.meta.step, stored.samples_seen, stored.updated_at, stored.state.nbytes()
+        )
+
+
 class StateStore(Protocol):
     """Where stream registrations and states live."""
 
@@ -94,6 +117,9 @@ class StateStore(Protocol):
 
     def save_state(self, key: StreamKey, state: StreamState, expected_version: int, samples_seen: int) -> int:
         """Write ``state`` if the stored version equals ``expected_version``; return the new version."""
+
+    def state_summaries(self, keys: Sequence[StreamKey]) -> dict[StreamKey, StateSummary]:
+        """Summaries of the newest states of ``keys`` (one round trip); streams without a state are absent."""
 
     def count(self) -> int:
         """Registered streams (all tenants)."""

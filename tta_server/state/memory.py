@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adapters.base import StreamState
 from tta_server.state.base import (
+    StateSummary,
     StoredState,
     StreamExistsError,
     StreamKey,
@@ -117,6 +118,13 @@ class MemoryStateStore:
                 )
             entry.stored = StoredState(state, current + 1, samples_seen, time.time())
             return current + 1
+
+    def state_summaries(self, keys: Sequence[StreamKey]) -> dict[StreamKey, StateSummary]:
+        """Read without touching: describing a stream is not using it (no LRU or idle refresh)."""
+        with self._lock:
+            self._expire(self._clock())
+            entries = {key: self._entries.get(key) for key in keys}
+        return {k: StateSummary.of(e.stored) for k, e in entries.items() if e is not None and e.stored is not None}
 
     def count(self) -> int:
         with self._lock:

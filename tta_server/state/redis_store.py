@@ -44,6 +44,7 @@ from adapters.base import StreamState
 from adapters.serialize import state_from_bytes, state_to_bytes
 from tta_server.metrics import Metrics
 from tta_server.state.base import (
+    StateSummary,
     StoredState,
     StoreUnavailableError,
     StreamExistsError,
@@ -595,6 +596,39 @@ class RedisStateStore:
         stored = StoredState(state, version, int(reply[4]), float(reply[5]))
         self._confirm(entry, stored, token, version, generation)
         return stored
+
+    def state_summaries(self, keys: Sequence[StreamKey]) -> dict[StreamKey, StateSummary]:
+        """Summaries from the hot cache where it holds unpersisted steps, else one pipelined read of
+        each state's small fields (the blob's length, never the blob); does not refresh idle TTLs."""
+        out: dict[StreamKey, StateSummary] = {}
+        remote: list[StreamKey] = []
+        for key in keys:
+            entry = self._cached(key)
+            if entry is not None and entry.known and (entry.pending > 0 or self.down):
+                if entry.stored is not None:
+                    out[key] = StateSummary.of(entry.stored)
+            else:
+                remote.append(key)
+        if not remote:
+            return out
+        if self.down:
+            raise StoreUnavailableError(f"Redis at {self.where} is unreachable: cannot describe stream states")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in remote:
+                pipe.hmget(self.keys.state(key), ["v", "s", "n", "u"])
+                pipe.hstrlen(self.keys.state(key), "b")
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            self._count_error("state_summaries")
+            raise self._unavailable("describe stream states", exc) from exc
+        for i, key in enumerate(remote):
+            fields, size = cast(list[bytes | None], replies[2 * i]), int(replies[2 * i + 1])
+            if fields[0] is None:
+                continue
+            version, step, samples, updated = (_text(f) for f in fields)
+            out[key] = StateSummary(int(version), int(step or 0), int(samples or 0), float(updated or 0.0), size)
+        return out
 
     def _confirm(
         self,
