@@ -179,6 +179,20 @@ def _passes(row: CostRow) -> str:
 def markdown(rows: list[CostRow], skipped: list[str], header: str) -> str:
     """The cost table (one row per model, method and batch size) plus what was skipped."""
     lines = [
+        "# Cost per method",
+        "",
+        "What one adapted stream costs, per method and catalogue model, measured by "
+        "`python -m benchmarks.method_cost` (rerun it to refresh this page):",
+        "",
+        "- **forwards / backwards per batch**: passes counted while `step` runs (forward hooks on the model "
+        "and on every auxiliary model such as CEMA's teacher; calls of `torch.autograd.grad`), averaged over "
+        "the timed batches; **reported** is what the method itself says in `StepInfo`, so a method that "
+        "miscounts shows up as a difference;",
+        "- **state bytes per stream**: the stream's tensors at registration and after the run (what the state "
+        "store holds; CEMA's uint8 replay buffer grows until `replay_buffer_size`);",
+        "- **images/s**: in-process throughput of `step` (no HTTP), and its ratio to `source` on the same model "
+        "and batch size.",
+        "",
         header,
         "",
         "| model | method | B | forwards / batch | backwards / batch | reported f / b | state bytes / stream "
@@ -252,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, default=Path("../shared/models"))
     parser.add_argument("--out", type=Path, default=None, help="JSON output")
     parser.add_argument("--markdown", type=Path, default=None, help="Markdown output")
+    parser.add_argument("--note", default="", help="a sentence on the conditions, added to the header")
     args = parser.parse_args(argv)
     if min(args.batch_size) < 1 or args.steps < 1 or args.steps_bs1 < 1 or args.warmup < 0:
         parser.error("batch sizes and step counts must be positive (warm-up may be 0)")
@@ -268,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Measured {time.strftime('%Y-%m-%d')} on {machine}, torch {torch.__version__}, CPU; "
         f"Gaussian noise severity 5 on `{args.data.name}`, {args.warmup} warm-up + {args.steps} timed batches "
-        f"at B > 1, {args.steps_bs1} at B = 1; CEMA teacher `{args.teacher}`."
+        f"at B > 1, {args.steps_bs1} at B = 1; CEMA teacher `{args.teacher}`." + (f" {args.note}" if args.note else "")
     )
     table = markdown(rows, skipped, header)
     sys.stdout.write(table)

@@ -2,7 +2,7 @@
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
 # PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
-#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | cost | report
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | cost (NOTE=...) | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -62,7 +62,7 @@ case "$PHASE" in
         --limit 1000 ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
-        --markdown docs/cost.md ;;
+        --markdown docs/cost.md --note "${NOTE:-}" ;;
   report)
     $TTA report "$OUT" --out docs/results.md --plots docs/plots ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;

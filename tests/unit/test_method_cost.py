@@ -80,3 +80,4 @@ def test_ratios_and_table() -> None:
     assert "| m | tent | 64 | 1 | 0 | 1 / 0 | 100 | 250 | 0.25 |" in table
     assert "| other | tent | 64 | 1 | 0 | 1 / 0 | 100 | 10 | – |" in table
     assert "Not applicable (refused when a stream is configured): bn on m-gn." in table
+    assert table.startswith("# Cost per method") and "\nheader\n" in table
