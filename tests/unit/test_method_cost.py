@@ -10,7 +10,15 @@ from adapters import create_adapter
 from adapters.errors import UnsupportedModelError
 from adapters.norms import NormKind
 from adapters.registry import method_names
-from benchmarks.method_cost import CostRow, PassCounter, add_ratios, markdown, measure, normalized_batches
+from benchmarks.method_cost import (
+    CostRow,
+    PassCounter,
+    add_ratios,
+    markdown,
+    measure,
+    method_config,
+    normalized_batches,
+)
 from tests.contract.test_adapter_contract import TEST_CONFIGS, batches, tiny_model
 
 
@@ -81,3 +89,9 @@ def test_ratios_and_table() -> None:
     assert "| other | tent | 64 | 1 | 0 | 1 / 0 | 100 | 10 | – |" in table
     assert "Not applicable (refused when a stream is configured): bn on m-gn." in table
     assert table.startswith("# Cost per method") and "\nheader\n" in table
+
+
+def test_cema_is_measured_with_a_margin_that_lets_samples_through() -> None:
+    assert method_config("tent", "resnet56", 10) == {}
+    assert method_config("cema", "resnet56", 10) == {"teacher": "resnet56", "d_margin": 0.4}
+    assert method_config("cema", "big", 1000) == {"teacher": "big"}
