@@ -9,6 +9,7 @@ and online accuracy along the stream with one line per method.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -197,7 +198,8 @@ def plot_group(key: GroupKey, rows: Sequence[Row], plots_dir: Path) -> list[Path
         ax.set_xticks(xs, [SHORT.get(c, c) for c in cols] + ["mean"], rotation=45, ha="right")
         ax.set_ylabel("error %")
         ax.set_title(f"{key.title()} - {setting}, batch {batch}", fontsize=9)
-        ax.legend(fontsize=7, ncol=min(4, len(members)))
+        ax.set_ylim(top=ax.get_ylim()[1] * (1.15 + 0.07 * math.ceil(len(members) / 4)))  # room for the legend
+        ax.legend(fontsize=7, ncol=min(4, len(members)), loc="upper center")
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         bars = plots_dir / f"{base}-{setting}-bs{batch}-errors.png"
