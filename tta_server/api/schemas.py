@@ -106,7 +106,9 @@ class StreamOut(BaseModel):
     steps: int
     samples_seen: int
     version: int
-    state_bytes: int
+    state_bytes: int = Field(
+        description="size of the stored state: tensor bytes in the memory store, the serialized blob in Redis"
+    )
     drift: WindowOut | None = None
 
 
