@@ -230,11 +230,11 @@ def run_stream(
     loaded: LoadedModel,
     device: str,
     progress: Progress,
-    work: WorkCounter | None = None,
+    work: WorkCounter,
 ) -> tuple[Tally, int, float, float]:
     """Feed the stream through the adapter; returns (tally, resets, data seconds, adapt seconds).
 
-    ``work``, when given, accumulates every step's reported passes and sample counts.
+    ``work`` accumulates every step's reported passes and sample counts.
     """
     spec = loaded.spec
     tally = Tally(len(stream.domains))
@@ -255,8 +255,7 @@ def run_stream(
         x = normalize(to_tensor_batch(batch.x).to(device), spec.mean, spec.std, spec.input_size)
         result = adapter.step(prepared, x, state)
         state = result.state
-        if work is not None:
-            work.add(result.info)
+        work.add(result.info)
         predicted = result.logits.detach().argmax(dim=1).cpu().numpy()
         adapt_s += time.perf_counter() - t1
         tally.add(predicted == batch.y, batch.domain_ids)

@@ -34,7 +34,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -552,11 +552,15 @@ class RedisStateStore:
         return self._last_count
 
     # -- state ----------------------------------------------------------------------------
+    def _cache_is_authoritative(self, entry: _Hot | None) -> TypeGuard[_Hot]:
+        """The cached state is the newest one can get: it holds unpersisted steps, or Redis is down."""
+        return entry is not None and entry.known and (entry.pending > 0 or self.down)
+
     def load_state(self, key: StreamKey) -> StoredState | None:
         """The newest state: from the cache when it holds unpersisted steps or Redis is down,
         else from Redis (only the version and token cross the network when the cache is current)."""
         entry = self._cached(key)
-        if entry is not None and entry.known and (entry.pending > 0 or self.down):
+        if self._cache_is_authoritative(entry):
             return entry.stored
         if self.down:
             raise StoreUnavailableError(
@@ -604,7 +608,7 @@ class RedisStateStore:
         remote: list[StreamKey] = []
         for key in keys:
             entry = self._cached(key)
-            if entry is not None and entry.known and (entry.pending > 0 or self.down):
+            if self._cache_is_authoritative(entry):
                 if entry.stored is not None:
                     out[key] = StateSummary.of(entry.stored)
             else:
