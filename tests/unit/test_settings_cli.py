@@ -63,3 +63,10 @@ def test_train_command_runs_and_resumes(tiny_npz: Path, tmp_path: Path) -> None:
     second = runner.invoke(app, [*args, "--resume"])
     assert second.exit_code == 0, second.output
     assert (tmp_path / "out" / "resnet20-ln.safetensors").is_file()
+
+
+def test_train_command_rejects_missing_init_weights(tiny_npz: Path, tmp_path: Path) -> None:
+    args = ["train", "--norm", "gn", "--epochs", "1", "--train-data", str(tiny_npz), "--test-data", str(tiny_npz)]
+    result = runner.invoke(app, [*args, "--init-weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--init-weights" in result.output and "does not exist" in result.output

@@ -125,7 +125,9 @@ def load_image_folder(root: Path, cache_dir: Path | None = None) -> LabeledImage
         raise DatasetError(f"{root}: images differ in size {sorted(shapes)[:4]}; resize them to one size first")
     data = LabeledImages(np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    # A per-process temp name: two processes decoding the same folder at once (a server and a
+    # training run, two training runs) must not rename each other's half-written file away.
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, x=data.x, y=data.y, classes=np.array(classes))
     tmp.replace(cache)
     return data

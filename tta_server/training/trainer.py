@@ -20,7 +20,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from adapters.norms import NormKind
 from tta_server.data.datasets import LabeledImages, load_labeled_images
@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     test_data: str = "../shared/data/cifar10-jpeg/test"
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
+    init_weights: str | None = Field(
+        None, description="safetensors weights to start from (a new schedule on a trained model) instead of random"
+    )
 
     @property
     def name(self) -> str:
@@ -102,6 +105,8 @@ def train(
     torch.manual_seed(config.seed)
     data = load_labeled_images(config.train_data)
     model = cifar_resnet(config.depth, config.norm, num_classes=len(data.classes)).to(device)
+    if config.init_weights is not None:
+        load_init_weights(model, Path(config.init_weights))
     optimizer = torch.optim.SGD(
         _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True
     )
@@ -146,6 +151,21 @@ def train(
     return export_model(model, config, data, out_dir, device)
 
 
+def load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from trained weights, so a model whose schedule was too short can be improved by
+    a second schedule (a warm restart) without repeating the hours already spent on it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init weights {path} do not exist")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ValueError(f"init weights {path} do not fit this architecture: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def export_model(
     model: torch.nn.Module, config: TrainConfig, train_data: LabeledImages, out_dir: Path, device: str
 ) -> Path:
@@ -171,8 +191,10 @@ def export_model(
         "clean_top1": round(acc, 4),
         "epochs": config.epochs,
         "seed": config.seed,
+        "init_weights": config.init_weights,
+        "init_sha256": _sha256(Path(config.init_weights)) if config.init_weights else None,
         "config": config.model_dump(mode="json"),
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "sha256": _sha256(weights),
         "trained_on": f"{device}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -181,20 +203,41 @@ def export_model(
     return weights
 
 
+def _init_line(card: Mapping[str, Any]) -> str:
+    if not card.get("init_weights"):
+        return "random (seeded)"
+    return f"`{card['init_weights']}` (sha256 `{card['init_sha256']}`), then this run's schedule"
+
+
+def _command(card: Mapping[str, Any]) -> str:
+    """The ``tta-server train`` command line that reproduces this card's run."""
+    cfg = cast(dict[str, Any], card["config"])
+    cmd = f"tta-server train --depth {cfg['depth']} --norm {card['norm']} --epochs {card['epochs']}"
+    cmd += f" --seed {card['seed']}"
+    defaults = TrainConfig()
+    if cfg["lr"] != defaults.lr:
+        cmd += f" --lr {cfg['lr']}"
+    if cfg["warmup_epochs"] != defaults.warmup_epochs:
+        cmd += f" --warmup-epochs {cfg['warmup_epochs']}"
+    if card.get("init_weights"):
+        cmd += f" --init-weights {card['init_weights']}"
+    return cmd
+
+
 def render_card(card: Mapping[str, Any]) -> str:
     """A short human-readable model card."""
     cfg = cast(dict[str, Any], card["config"])
     return (
         f"# {card['name']}\n\n"
         f"CIFAR ResNet-{cfg['depth']} (He et al. 2016, option-A shortcuts) with {str(card['norm']).upper()} "
-        f"normalization, trained by `tta-server train --depth {cfg['depth']} --norm {card['norm']} "
-        f"--epochs {card['epochs']} --seed {card['seed']}`.\n\n"
+        f"normalization, trained by `{_command(card)}`.\n\n"
         f"| field | value |\n|---|---|\n"
         f"| training data | `{card['train_data']}` ({card['train_images']} images) |\n"
         f"| augmentation | 4-px padded random crop, horizontal flip |\n"
         f"| optimizer | SGD nesterov, lr {cfg['lr']}, momentum {cfg['momentum']}, wd {cfg['weight_decay']}, "
         f"batch {cfg['batch_size']}, {cfg['warmup_epochs']} warm-up epochs then cosine |\n"
         f"| precision | {cfg['precision']} autocast |\n"
+        f"| initial weights | {_init_line(card)} |\n"
         f"| epochs / seed | {card['epochs']} / {card['seed']} |\n"
         f"| clean top-1 on `{card['test_data']}` | **{100 * float(str(card['clean_top1'])):.2f}%** "
         f"({card['test_images']} images) |\n"
