@@ -44,9 +44,12 @@ Contract details:
   source (above); defaults follow the paper (dynamic threshold on, E_min = 0.02·ln C, λ = 1.0)
   while the shipped config disables both; the warm-up length is unverified (1000 samples);
   the edge always predicts with the latest distilled parameters (sync period K = 1, the
-  reference default) and the ``iters < 10`` warm-up copy is not reproduced; ``d_margin`` = 0.05 is
-  EATA's ImageNet value and filters nearly everything for C = 10 (cos(one-hot, uniform) =
-  1/√C ≈ 0.32): use about 0.4 there, or None to switch the redundancy filter off.
+  reference default) and the ``iters < 10`` warm-up copy is not reproduced; EATA's redundancy
+  margin ``d_margin`` = 0.05 is an ImageNet (C = 1000) value that filters nearly every sample at
+  C = 10, because cosines between probability vectors grow with 1/√C (cos(one-hot, uniform) =
+  1/√C). The default ``"auto"`` therefore scales it as 0.05·√(1000/C): the reference value
+  at C = 1000, 0.5 at C = 10 (the CIFAR-10 benchmarks set 0.4 explicitly). A number fixes
+  it; None switches the redundancy filter off.
 - ``adapt=False``: the edge forward only; nothing is filtered, uploaded or adapted.
 """
 
@@ -54,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +146,17 @@ def dynamic_threshold(e_max: float, avg_now: float, avg_at_warmup: float, coeff:
     return e_max * (avg_now / avg_at_warmup) * coeff
 
 
+REFERENCE_D_MARGIN = 0.05
+"""EATA's redundancy margin, chosen for ImageNet (C = 1000)."""
+
+
+def redundancy_margin(d_margin: float | Literal["auto"] | None, num_classes: int) -> float | None:
+    """The cosine margin of the redundancy filter for a C-class model (None = filter off)."""
+    if d_margin == "auto":
+        return min(1.0, REFERENCE_D_MARGIN * math.sqrt(1000 / num_classes))
+    return d_margin
+
+
 def select_samples(
     ent: torch.Tensor,
     probs: torch.Tensor,
@@ -213,7 +227,9 @@ class CEMAConfig(MethodConfig):
     ent_high_margin_coeff: float = Field(1.0, gt=0.0, le=10.0, description="λ of the dynamic threshold")
     warm_up_samples: int = Field(1000, ge=1, le=10**9, description="samples before the reference entropy freezes")
     ent_low_margin: float | None = Field(0.02, ge=0.0, le=1.0, description="E_min = ent_low_margin * ln C; None=off")
-    d_margin: float | None = Field(0.05, ge=0.0, le=1.0, description="redundancy cosine margin; None = off")
+    d_margin: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = Field(
+        "auto", description="redundancy cosine margin; 'auto' = 0.05*sqrt(1000/C) (0.5 at C = 10); None = off"
+    )
     cloud_batch_size: int = Field(32, ge=1, le=4096)
     replay: bool = True
     replay_buffer_size: int = Field(10_000, ge=0, le=100_000, description="history capacity (samples, FIFO)")
@@ -399,7 +415,8 @@ class CEMA(Adapter[CEMAConfig]):
             threshold = dynamic_threshold(e_max, avg_now, ent_ref, cfg.ent_high_margin_coeff)
         e_min = entropy_margin(cfg.ent_low_margin, num_classes) if cfg.ent_low_margin is not None else None
         prob_ema = tensors.get(PROB_EMA)
-        keep = select_samples(ent, probs, threshold, e_min, prob_ema, cfg.d_margin)
+        d_margin = redundancy_margin(cfg.d_margin, num_classes)
+        keep = select_samples(ent, probs, threshold, e_min, prob_ema, d_margin)
         device = logits.device
         updated = {
             ENT_SUM: torch.tensor(ent_sum, dtype=torch.float64, device=device),

@@ -14,6 +14,7 @@ from adapters.alpha_bn import AlphaBatchNorm, mix_statistics
 from adapters.cema import (
     distillation_loss,
     dynamic_threshold,
+    redundancy_margin,
     select_samples,
     update_prob_ema,
     weighted_entropy,
@@ -305,6 +306,29 @@ def test_cema_sample_selection() -> None:
     assert update_prob_ema(None, probs[:0]) is None
     close(update_prob_ema(None, probs[:2]), [0.5, 0.5])
     close(update_prob_ema(torch.tensor([1.0, 0.0]), probs[1:2]), [0.9, 0.1])
+
+
+def test_cema_auto_redundancy_margin_scales_with_class_count() -> None:
+    # EATA's margin 0.05 at its ImageNet scale (C = 1000), scaled by 1/sqrt(C) like the cosines
+    # between probability vectors it is compared with (cos(one-hot, uniform) = 1/sqrt(C)).
+    assert redundancy_margin("auto", 1000) == pytest.approx(0.05)
+    assert redundancy_margin("auto", 10) == pytest.approx(0.5)
+    assert redundancy_margin("auto", 2) == 1.0
+    assert redundancy_margin(0.3, 10) == 0.3 and redundancy_margin(None, 10) is None
+    # at C = 10 the auto margin keeps a sample unlike the history that the ImageNet margin drops
+    probs = torch.tensor([[0.9, 0.1] + [0.0] * 8])
+    history = torch.full((10,), 0.1)
+    cos = float(torch.nn.functional.cosine_similarity(history[None], probs)[0])
+    assert 0.05 < cos < 0.5
+    assert select_samples(torch.tensor([0.5]), probs, 1.5, None, history, 0.05).tolist() == [False]
+    margin = redundancy_margin("auto", 10)
+    assert select_samples(torch.tensor([0.5]), probs, 1.5, None, history, margin).tolist() == [True]
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 1.5, -0.1])
+def test_cema_rejects_bad_redundancy_margin(bad: object) -> None:
+    with pytest.raises(ValueError, match="d_margin"):
+        create_adapter("cema", {"d_margin": bad})
 
 
 def test_cema_weighted_entropy_and_distillation_loss() -> None:
