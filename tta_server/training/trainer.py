@@ -8,7 +8,6 @@ the position. ``--resume`` therefore continues exactly where the last checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from adapters.norms import NormKind
 from tta_server.data.datasets import LabeledImages, load_labeled_images
 from tta_server.training.augment import random_crop_flip
 from tta_server.training.checkpoint import Progress, load_checkpoint, save_checkpoint
+from tta_server.zoo.catalogue import file_sha256
 from tta_server.zoo.evaluate import top1_accuracy
 from tta_server.zoo.resnet_cifar import cifar_resnet
 from tta_server.zoo.transforms import normalize
@@ -105,8 +105,7 @@ def train(
     torch.manual_seed(config.seed)
     data = load_labeled_images(config.train_data)
     model = cifar_resnet(config.depth, config.norm, num_classes=len(data.classes)).to(device)
-    if config.init_weights is not None:
-        load_init_weights(model, Path(config.init_weights))
+    init_sha256 = None if config.init_weights is None else load_init_weights(model, Path(config.init_weights))
     optimizer = torch.optim.SGD(
         _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True
     )
@@ -148,26 +147,32 @@ def train(
             if max_steps is not None and steps_done >= max_steps:
                 save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"))
                 return None
-    return export_model(model, config, data, out_dir, device)
+    return export_model(model, config, data, out_dir, device, init_sha256)
 
 
-def load_init_weights(model: torch.nn.Module, path: Path) -> None:
+def load_init_weights(model: torch.nn.Module, path: Path) -> str:
     """Start from trained weights, so a model whose schedule was too short can be improved by
-    a second schedule (a warm restart) without repeating the hours already spent on it."""
+    a second schedule (a warm restart) without repeating the hours already spent on it.
+
+    Returns the file's sha256, taken when it is loaded: the card must name the weights the run
+    started from, even if the file is replaced during the hours the run takes.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"init weights {path} do not exist")
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as exc:
         raise ValueError(f"init weights {path} do not fit this architecture: {exc}") from exc
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def export_model(
-    model: torch.nn.Module, config: TrainConfig, train_data: LabeledImages, out_dir: Path, device: str
+    model: torch.nn.Module,
+    config: TrainConfig,
+    train_data: LabeledImages,
+    out_dir: Path,
+    device: str,
+    init_sha256: str | None,
 ) -> Path:
     """Save weights as safetensors and write a model card (JSON + Markdown) beside them."""
     test = load_labeled_images(config.test_data)
@@ -192,9 +197,9 @@ def export_model(
         "epochs": config.epochs,
         "seed": config.seed,
         "init_weights": config.init_weights,
-        "init_sha256": _sha256(Path(config.init_weights)) if config.init_weights else None,
+        "init_sha256": init_sha256,
         "config": config.model_dump(mode="json"),
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "trained_on": f"{device}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
