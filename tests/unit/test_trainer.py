@@ -5,9 +5,10 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from adapters.norms import NormKind
 from tta_server.training.trainer import TrainConfig, lr_at, train
@@ -85,3 +86,56 @@ def test_init_weights_must_exist_and_fit(tiny_npz: Path, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="do not fit this architecture"):
         deeper = _config(tiny_npz).model_copy(update={"init_weights": str(ln), "depth": 32})
         train(deeper, tmp_path / "b", tmp_path / "o")
+
+
+def test_swa_schedule_is_constant_in_the_averaging_epochs() -> None:
+    config = TrainConfig(epochs=10, lr=0.1, warmup_epochs=1, swa_epochs=3, swa_lr=0.02)
+    lrs = [lr_at(config, s, 100) for s in range(1000)]
+    assert lrs[99] == pytest.approx(0.1) and lrs[699] < 1e-3
+    assert lrs[700:] == [0.02] * 300
+    with pytest.raises(ValueError, match=r"swa_epochs \(11\) cannot exceed epochs \(10\)"):
+        TrainConfig(epochs=10, swa_epochs=11)
+
+
+def test_swa_exports_the_average_of_the_epoch_end_weights(tiny_npz: Path, tmp_path: Path) -> None:
+    config = _config(tiny_npz).model_copy(update={"swa_epochs": 2, "swa_lr": 0.05})
+    steps_per_epoch = len(np.load(tiny_npz)["y"]) // config.batch_size
+    run = tmp_path / "run"
+    assert train(config, run, tmp_path / "out", max_steps=steps_per_epoch) is None
+    first = load_file(str(run / "checkpoint.safetensors"))
+    weights = train(config, run, tmp_path / "out", resume=True)  # the average survives the resume
+    assert weights is not None
+    last = load_file(str(run / "checkpoint.safetensors"))
+    out = load_file(str(weights))
+    for k, v in out.items():
+        expected = (first[f"model.{k}"] + last[f"model.{k}"]) / 2
+        assert torch.allclose(v, expected, atol=1e-6), k
+    card = (tmp_path / "out" / "resnet20-gn.md").read_text()
+    assert "--swa-epochs 2 --swa-lr 0.05" in card
+    assert "constant lr 0.05 for all 2 epochs, their end-of-epoch weights averaged" in card
+
+
+def test_swa_re_estimates_batchnorm_statistics(tiny_npz: Path, tmp_path: Path) -> None:
+    config = _config(tiny_npz).model_copy(update={"norm": NormKind.BN, "epochs": 1, "swa_epochs": 1})
+    weights = train(config, tmp_path / "run", tmp_path / "out")
+    assert weights is not None
+    state = load_file(str(weights))
+    variances = [v for k, v in state.items() if k.endswith("running_var")]
+    # A freshly built BN layer holds ones; the statistics pass must have replaced them.
+    assert variances and not any(torch.equal(v, torch.ones_like(v)) for v in variances)
+
+
+def test_resumed_card_names_the_init_weights_the_run_started_from(tiny_npz: Path, tmp_path: Path) -> None:
+    first = train(_config(tiny_npz), tmp_path / "a", tmp_path / "out-a")
+    assert first is not None
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(first.read_bytes())
+    started_from = hashlib.sha256(init.read_bytes()).hexdigest()
+    config = _config(tiny_npz).model_copy(update={"init_weights": str(init)})
+    assert train(config, tmp_path / "run", tmp_path / "out", max_steps=2) is None
+    # The init file is replaced while the run is interrupted (a newer model under the same name).
+    state = load_file(str(first))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(init))
+    assert train(config, tmp_path / "run", tmp_path / "out", resume=True) is not None
+    card = json.loads((tmp_path / "out" / "resnet20-gn.json").read_text())
+    assert card["init_sha256"] == started_from != hashlib.sha256(init.read_bytes()).hexdigest()

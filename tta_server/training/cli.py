@@ -28,7 +28,13 @@ def train_command(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="start from these safetensors weights instead of random init"),
     ] = None,
-    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast)")] = "bf16",
+    swa_epochs: Annotated[
+        int, typer.Option(min=0, help="run the last N epochs at a constant --swa-lr and average their weights")
+    ] = 0,
+    swa_lr: Annotated[float, typer.Option(help="learning rate of the averaging epochs")] = 0.01,
+    precision: Annotated[
+        str, typer.Option(help="fp32 or bf16 (autocast; fast only on CPUs with native bf16, e.g. AMX)")
+    ] = "bf16",
     train_data: Annotated[str, typer.Option(help="ImageFolder dir or .npz")] = "../shared/data/cifar10-jpeg/train",
     test_data: Annotated[str, typer.Option(help="ImageFolder dir or .npz")] = "../shared/data/cifar10-jpeg/test",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -51,6 +57,8 @@ def train_command(
         seed=seed,
         warmup_epochs=warmup_epochs,
         init_weights=None if init_weights is None else str(init_weights),
+        swa_epochs=swa_epochs,
+        swa_lr=swa_lr,
         precision=precision,
         train_data=train_data,
         test_data=test_data,

@@ -12,14 +12,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from adapters.norms import NormKind
 from tta_server.data.datasets import LabeledImages, load_labeled_images
@@ -56,6 +58,19 @@ class TrainConfig(BaseModel):
     init_weights: str | None = Field(
         None, description="safetensors weights to start from (a new schedule on a trained model) instead of random"
     )
+    swa_epochs: int = Field(0, ge=0, description="last epochs run at a constant swa_lr, their weights averaged")
+    swa_lr: float = Field(0.01, gt=0, le=10, description="constant learning rate of the averaging epochs")
+
+    @model_validator(mode="after")
+    def _swa_fits(self) -> TrainConfig:
+        if self.swa_epochs > self.epochs:
+            raise ValueError(f"swa_epochs ({self.swa_epochs}) cannot exceed epochs ({self.epochs})")
+        return self
+
+    @property
+    def swa_start(self) -> int:
+        """The first epoch whose final weights enter the average."""
+        return self.epochs - self.swa_epochs
 
     @property
     def name(self) -> str:
@@ -67,8 +82,10 @@ ProgressHook = Callable[[int, int, float, float], None]
 
 
 def lr_at(config: TrainConfig, global_step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up, then cosine decay to zero over the remaining steps."""
-    total = config.epochs * steps_per_epoch
+    """Linear warm-up, then cosine decay to zero, then (with ``swa_epochs``) a constant ``swa_lr``."""
+    total = config.swa_start * steps_per_epoch
+    if global_step >= total:
+        return config.swa_lr
     warm = int(config.warmup_epochs * steps_per_epoch)
     if global_step < warm:
         return config.lr * (global_step + 1) / warm
@@ -81,6 +98,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _fast_memory_format(norm: NormKind, device: str) -> torch.memory_format:
+    """channels_last where it is faster: BN nets on CPU train ~15% faster with it, while CPU
+    GroupNorm kernels are slower in it. The arithmetic is the same either way."""
+    return torch.channels_last if norm is NormKind.BN and device == "cpu" else torch.contiguous_format
 
 
 def _step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -105,17 +128,17 @@ def train(
     torch.manual_seed(config.seed)
     data = load_labeled_images(config.train_data)
     model = cifar_resnet(config.depth, config.norm, num_classes=len(data.classes)).to(device)
+    memory_format = _fast_memory_format(config.norm, device)
+    model = model.to(memory_format=memory_format)
     init_sha256 = None if config.init_weights is None else load_init_weights(model, Path(config.init_weights))
     optimizer = torch.optim.SGD(
         _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True
     )
+    averaged = AveragedModel(model) if config.swa_epochs else None
     ckpt = run_dir / "checkpoint.safetensors"
     progress = Progress(0, 0)
     if resume and ckpt.exists():
-        progress, saved = load_checkpoint(ckpt, model, optimizer)
-        if TrainConfig.model_validate(saved) != config:
-            raise ValueError(f"checkpoint {ckpt} was made with a different configuration: {saved}")
-        log.info("resuming %s at epoch %d step %d", config.name, progress.epoch, progress.step)
+        progress, init_sha256 = _restore(ckpt, model, optimizer, averaged, config, init_sha256)
     steps_per_epoch = len(data) // config.batch_size
     images = torch.from_numpy(data.x).permute(0, 3, 1, 2)
     labels = torch.from_numpy(data.y)
@@ -126,28 +149,88 @@ def train(
         for step in range(progress.step if epoch == progress.epoch else 0, steps_per_epoch):
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(config, global_step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = random_crop_flip(images[idx], _step_generator(config.seed, epoch, step))
-            x = normalize(batch.to(device), config.mean, config.std)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss = F.cross_entropy(model(x), labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}")
+            x = normalize(batch.to(device), config.mean, config.std).contiguous(memory_format=memory_format)
+            loss = _sgd_step(model, optimizer, x, labels[idx].to(device), lr, config.precision == "bf16")
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at epoch {epoch} step {step}")
             if on_step is not None:
-                on_step(global_step + 1, config.epochs * steps_per_epoch, loss.item(), lr)
+                on_step(global_step + 1, config.epochs * steps_per_epoch, loss, lr)
             steps_done += 1
-            nxt = Progress(epoch, step + 1) if step + 1 < steps_per_epoch else Progress(epoch + 1, 0)
-            if (global_step + 1) % checkpoint_every == 0 or step + 1 == steps_per_epoch:
-                save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"))
+            end_of_epoch = step + 1 == steps_per_epoch
+            if end_of_epoch and averaged is not None and epoch >= config.swa_start:
+                averaged.update_parameters(model)
+            nxt = Progress(epoch, step + 1) if not end_of_epoch else Progress(epoch + 1, 0)
+            if (global_step + 1) % checkpoint_every == 0 or end_of_epoch:
+                save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"), averaged, init_sha256)
             if max_steps is not None and steps_done >= max_steps:
-                save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"))
+                save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"), averaged, init_sha256)
                 return None
+    if averaged is not None:
+        model = finish_average(averaged, config, images, device)
     return export_model(model, config, data, out_dir, device, init_sha256)
+
+
+def _sgd_step(
+    model: nn.Module, optimizer: torch.optim.SGD, x: torch.Tensor, y: torch.Tensor, lr: float, bf16: bool
+) -> float:
+    """One optimizer step at learning rate ``lr``; returns the batch loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return float(loss.item())
+
+
+def _restore(
+    ckpt: Path,
+    model: nn.Module,
+    optimizer: torch.optim.SGD,
+    averaged: AveragedModel | None,
+    config: TrainConfig,
+    init_sha256: str | None,
+) -> tuple[Progress, str | None]:
+    """Load a checkpoint of the same configuration; return its position and the init sha256 to report.
+
+    The sha256 recorded when the run started wins over a fresh hash of the init file, which
+    may have been replaced since.
+    """
+    restored = load_checkpoint(ckpt, model, optimizer, averaged)
+    if TrainConfig.model_validate(restored.config) != config:
+        raise ValueError(f"checkpoint {ckpt} was made with a different configuration: {restored.config}")
+    if restored.init_sha256 is not None and restored.init_sha256 != init_sha256:
+        log.warning(
+            "init weights %s changed since the run started; the card keeps the sha256 of the original",
+            config.init_weights,
+        )
+        init_sha256 = restored.init_sha256
+    progress = restored.progress
+    log.info("resuming %s at epoch %d step %d", config.name, progress.epoch, progress.step)
+    return progress, init_sha256
+
+
+def finish_average(averaged: AveragedModel, config: TrainConfig, images: torch.Tensor, device: str) -> nn.Module:
+    """The averaged weights as a plain model, BatchNorm statistics re-estimated for them.
+
+    Running statistics collected along the trajectory belong to none of the averaged points,
+    so one pass over the (augmented) training set recomputes them; GN and LN have none.
+    """
+    model = cast(nn.Module, averaged.module)
+    steps = len(images) // config.batch_size
+    order = torch.randperm(len(images), generator=_step_generator(config.seed, config.epochs, -1))
+
+    def batches() -> Iterator[torch.Tensor]:
+        for step in range(steps):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = random_crop_flip(images[idx], _step_generator(config.seed, config.epochs, step))
+            yield normalize(batch.to(device), config.mean, config.std)
+
+    update_bn(batches(), model)
+    return model
 
 
 def load_init_weights(model: torch.nn.Module, path: Path) -> str:
@@ -220,13 +303,30 @@ def _command(card: Mapping[str, Any]) -> str:
     cmd = f"tta-server train --depth {cfg['depth']} --norm {card['norm']} --epochs {card['epochs']}"
     cmd += f" --seed {card['seed']}"
     defaults = TrainConfig()
-    if cfg["lr"] != defaults.lr:
+    if cfg["lr"] != defaults.lr and cfg.get("swa_epochs") != cfg["epochs"]:
         cmd += f" --lr {cfg['lr']}"
     if cfg["warmup_epochs"] != defaults.warmup_epochs:
         cmd += f" --warmup-epochs {cfg['warmup_epochs']}"
+    if cfg.get("swa_epochs"):
+        cmd += f" --swa-epochs {cfg['swa_epochs']} --swa-lr {cfg['swa_lr']}"
+    if cfg["precision"] != defaults.precision:
+        cmd += f" --precision {cfg['precision']}"
     if card.get("init_weights"):
         cmd += f" --init-weights {card['init_weights']}"
     return cmd
+
+
+def _schedule(cfg: Mapping[str, Any]) -> str:
+    """The learning-rate schedule in words, for the card."""
+    cosine = f"lr {cfg['lr']}, {cfg['warmup_epochs']} warm-up epochs then cosine"
+    swa = int(cfg.get("swa_epochs") or 0)
+    if not swa:
+        return cosine
+    span = f"all {swa} epochs" if swa == int(cfg["epochs"]) else f"the last {swa} epochs"
+    text = f"constant lr {cfg['swa_lr']} for {span}, their end-of-epoch weights averaged"
+    if swa < int(cfg["epochs"]):
+        text = f"{cosine}, then {text}"
+    return f"{text} (BN statistics re-estimated)" if cfg["norm"] == "bn" else text
 
 
 def render_card(card: Mapping[str, Any]) -> str:
@@ -239,8 +339,8 @@ def render_card(card: Mapping[str, Any]) -> str:
         f"| field | value |\n|---|---|\n"
         f"| training data | `{card['train_data']}` ({card['train_images']} images) |\n"
         f"| augmentation | 4-px padded random crop, horizontal flip |\n"
-        f"| optimizer | SGD nesterov, lr {cfg['lr']}, momentum {cfg['momentum']}, wd {cfg['weight_decay']}, "
-        f"batch {cfg['batch_size']}, {cfg['warmup_epochs']} warm-up epochs then cosine |\n"
+        f"| optimizer | SGD nesterov, momentum {cfg['momentum']}, wd {cfg['weight_decay']}, "
+        f"batch {cfg['batch_size']}, {_schedule(cfg)} |\n"
         f"| precision | {cfg['precision']} autocast |\n"
         f"| initial weights | {_init_line(card)} |\n"
         f"| epochs / seed | {card['epochs']} / {card['seed']} |\n"
