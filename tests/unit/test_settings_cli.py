@@ -70,3 +70,11 @@ def test_train_command_rejects_missing_init_weights(tiny_npz: Path, tmp_path: Pa
     result = runner.invoke(app, [*args, "--init-weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--init-weights" in result.output and "does not exist" in result.output
+
+
+def test_train_command_rejects_invalid_options(tiny_npz: Path, tmp_path: Path) -> None:
+    args = ["train", "--norm", "gn", "--epochs", "2", "--swa-epochs", "3", "--train-data", str(tiny_npz)]
+    result = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "swa_epochs (3) cannot exceed epochs (2)" in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()

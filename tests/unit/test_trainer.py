@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters.norms import NormKind
-from tta_server.training.trainer import TrainConfig, lr_at, train
+from tta_server.training import trainer
+from tta_server.training.trainer import TrainConfig, lr_at, resolve_precision, train
 
 
 def _config(tiny_npz: Path) -> TrainConfig:
@@ -139,3 +140,11 @@ def test_resumed_card_names_the_init_weights_the_run_started_from(tiny_npz: Path
     assert train(config, tmp_path / "run", tmp_path / "out", resume=True) is not None
     card = json.loads((tmp_path / "out" / "resnet20-gn.json").read_text())
     assert card["init_sha256"] == started_from != hashlib.sha256(init.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_only_where_it_is_fast(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

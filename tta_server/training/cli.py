@@ -7,11 +7,12 @@ from typing import Annotated
 
 import torch
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from adapters.norms import NormKind
-from tta_server.training.trainer import TrainConfig, train
+from tta_server.training.trainer import TrainConfig, resolve_precision, train
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "zoo" / "weights"
 
@@ -33,8 +34,8 @@ def train_command(
     ] = 0,
     swa_lr: Annotated[float, typer.Option(help="learning rate of the averaging epochs")] = 0.01,
     precision: Annotated[
-        str, typer.Option(help="fp32 or bf16 (autocast; fast only on CPUs with native bf16, e.g. AMX)")
-    ] = "bf16",
+        str, typer.Option(help="fp32, bf16 (autocast) or auto: bf16 on CUDA and CPUs with native bf16, else fp32")
+    ] = "auto",
     train_data: Annotated[str, typer.Option(help="ImageFolder dir or .npz")] = "../shared/data/cifar10-jpeg/train",
     test_data: Annotated[str, typer.Option(help="ImageFolder dir or .npz")] = "../shared/data/cifar10-jpeg/test",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -48,21 +49,25 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a CIFAR ResNet with BN, GN or LN; resumable, with periodic checkpoints."""
-    config = TrainConfig(
-        depth=depth,
-        norm=norm,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        warmup_epochs=warmup_epochs,
-        init_weights=None if init_weights is None else str(init_weights),
-        swa_epochs=swa_epochs,
-        swa_lr=swa_lr,
-        precision=precision,
-        train_data=train_data,
-        test_data=test_data,
-    )
+    try:
+        config = TrainConfig(
+            depth=depth,
+            norm=norm,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            warmup_epochs=warmup_epochs,
+            init_weights=None if init_weights is None else str(init_weights),
+            swa_epochs=swa_epochs,
+            swa_lr=swa_lr,
+            precision=resolve_precision(precision, device),
+            train_data=train_data,
+            test_data=test_data,
+        )
+    except ValidationError as exc:
+        Console(stderr=True).print(f"[red]invalid training options:[/red] {exc}")
+        raise typer.Exit(2) from exc
     if threads is not None:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
