@@ -182,9 +182,8 @@ def train(
             if max_steps is not None and steps_done >= max_steps:
                 save_checkpoint(ckpt, model, optimizer, nxt, config.model_dump(mode="json"), averaged, init_sha256)
                 return None
-    if averaged is not None:
-        model = finish_average(averaged, config, images, device)
-    return export_model(model, config, data, out_dir, device, init_sha256)
+    final = model if averaged is None else finish_average(averaged, config, images, device)
+    return export_model(final, config, data, out_dir, device, init_sha256)
 
 
 def _sgd_step(
@@ -234,7 +233,7 @@ def finish_average(averaged: AveragedModel, config: TrainConfig, images: torch.T
     Running statistics collected along the trajectory belong to none of the averaged points,
     so one pass over the (augmented) training set recomputes them; GN and LN have none.
     """
-    model = cast(nn.Module, averaged.module)
+    model = averaged.module
     steps = len(images) // config.batch_size
     order = torch.randperm(len(images), generator=_step_generator(config.seed, config.epochs, -1))
 
