@@ -231,7 +231,10 @@ def finish_average(averaged: AveragedModel, config: TrainConfig, images: torch.T
     """The averaged weights as a plain model, BatchNorm statistics re-estimated for them.
 
     Running statistics collected along the trajectory belong to none of the averaged points,
-    so one pass over the (augmented) training set recomputes them; GN and LN have none.
+    so one pass over the training set recomputes them; GN and LN have none. The pass uses the
+    training augmentation: the weights were fitted to statistics of augmented batches, and
+    statistics of clean images cost a BN ResNet-20 4.7 points of clean accuracy (82.9% against
+    87.5%, measured on one checkpoint).
     """
     model = averaged.module
     steps = len(images) // config.batch_size
