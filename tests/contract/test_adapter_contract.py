@@ -243,10 +243,16 @@ def test_state_round_trips_through_safetensors(name: str, norm: NormKind) -> Non
     _, state = run(adapter, model, batches(3), adapter.init_state(model, seed=4, model_hash="abc"))
     reloaded = state_from_bytes(state_to_bytes(state))
     assert_same_state(state, reloaded)
+    # Continuing from the reloaded copy must match continuing from the original. Not bit for bit:
+    # on some CPUs two identical updates differ in the last bit (seen with SAR on a GroupNorm
+    # model, intermittently), so this comparison allows float rounding and nothing more.
     for x in batches(2, seed=9):
         original, resumed = adapter.step(model, x, state), adapter.step(model, x, reloaded)
-        assert torch.equal(original.logits, resumed.logits)
-        assert_same_state(original.state, resumed.state)
+        torch.testing.assert_close(original.logits, resumed.logits, rtol=1e-5, atol=1e-6)
+        assert original.state.meta == resumed.state.meta
+        assert set(original.state.tensors) == set(resumed.state.tensors)
+        for key, value in original.state.tensors.items():
+            torch.testing.assert_close(value, resumed.state.tensors[key], rtol=1e-5, atol=1e-6, msg=key)
         state, reloaded = original.state, resumed.state
 
 
