@@ -165,8 +165,7 @@ def train(
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(config, global_step, steps_per_epoch)
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = random_crop_flip(images[idx], _step_generator(config.seed, epoch, step))
-            x = normalize(batch.to(device), config.mean, config.std).contiguous(memory_format=memory_format)
+            x = _augmented_batch(images[idx], config, epoch, step, device).contiguous(memory_format=memory_format)
             loss = _sgd_step(model, optimizer, x, labels[idx].to(device), lr, config.precision == "bf16")
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at epoch {epoch} step {step}")
@@ -184,6 +183,13 @@ def train(
                 return None
     final = model if averaged is None else finish_average(averaged, config, images, device)
     return export_model(final, config, data, out_dir, device, init_sha256)
+
+
+def _augmented_batch(images: torch.Tensor, config: TrainConfig, epoch: int, step: int, device: str) -> torch.Tensor:
+    """The training augmentation of one uint8 batch, normalized: a pure function of (seed, epoch,
+    step), shared by the SGD steps and the BN statistics pass after weight averaging."""
+    batch = random_crop_flip(images, _step_generator(config.seed, epoch, step))
+    return normalize(batch.to(device), config.mean, config.std)
 
 
 def _sgd_step(
@@ -243,8 +249,7 @@ def finish_average(averaged: AveragedModel, config: TrainConfig, images: torch.T
     def batches() -> Iterator[torch.Tensor]:
         for step in range(steps):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = random_crop_flip(images[idx], _step_generator(config.seed, config.epochs, step))
-            yield normalize(batch.to(device), config.mean, config.std)
+            yield _augmented_batch(images[idx], config, config.epochs, step, device)
 
     update_bn(batches(), model)
     return model
