@@ -3,20 +3,29 @@
 Three payloads are accepted: image files (PNG, JPEG, WebP) from multipart or base64 JSON,
 and one ``.npy`` uint8 array (N x H x W x 3, or N x H x W for grayscale). Every image is
 checked *before* it is decoded (format, declared pixel count: decompression bombs never get
-allocated), converted to RGB and resized to the model's input size, so a batch always has a
-single shape. Errors name the offending image by its index.
+allocated), turned upright by its EXIF orientation tag (phones store portrait photos as
+landscape pixels plus a tag), converted to RGB and fitted to the model's input size, so a batch
+always has a single shape. Errors name the offending image by its index.
+
+How an image of another size is fitted is the model's ``resize_mode`` (see
+:class:`tta_server.zoo.transforms.ResizeMode`); callers pass it as ``resize_mode=`` (and, for
+``letterbox``, the padding colour as ``fill=``). Left out, the mode is ``squash``, the
+behaviour before models declared one. An image already at the input size is never resampled,
+whatever the mode, so 32x32 inputs of the CIFAR models reach the model bit-identical.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tta_server.errors import PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
+from tta_server.zoo.transforms import ResizeMode, fit_geometry
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
@@ -30,14 +39,51 @@ class InputLimits:
     max_pixels: int = 4096 * 4096
 
 
-def _resize(image: Image.Image, size: int) -> np.ndarray:
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+def fit_image(
+    image: Image.Image,
+    size: int,
+    resize_mode: ResizeMode | str = ResizeMode.SQUASH,
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """An RGB image fitted to (size, size, 3) uint8 with ``resize_mode``.
+
+    The kept region is cut out before it is resampled (not with Pillow's ``box`` argument,
+    whose filter reads pixels beyond the box): nothing outside the crop reaches the model.
+    """
+    if image.size == (size, size):
+        return np.asarray(image, dtype=np.uint8)
+    geometry = fit_geometry(image.width, image.height, size, resize_mode)
+    if geometry.source_box != (0, 0, image.width, image.height):
+        image = image.crop(geometry.source_box)
+    scaled = image.resize(geometry.scaled, Image.Resampling.BILINEAR)
+    if geometry.padded:
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(scaled, geometry.offset)
+        scaled = canvas
+    return np.asarray(scaled, dtype=np.uint8)
 
 
-def decode_image_files(blobs: Sequence[bytes], size: int, limits: InputLimits) -> np.ndarray:
-    """Decode encoded images into (N, size, size, 3) uint8 RGB."""
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: EXIF orientation applied (a phone's portrait photo stays portrait).
+
+    A malformed EXIF block is ignored rather than failing the request: the pixels are still valid.
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError, struct.error):
+        return image
+
+
+def decode_image_files(
+    blobs: Sequence[bytes],
+    size: int,
+    limits: InputLimits,
+    *,
+    resize_mode: ResizeMode | str = ResizeMode.SQUASH,
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """Decode encoded images into (N, size, size, 3) uint8 RGB, upright by their EXIF orientation."""
+    resize_mode = ResizeMode(resize_mode)
     _check_count(len(blobs), limits)
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
@@ -55,7 +101,7 @@ def decode_image_files(blobs: Sequence[bytes], size: int, limits: InputLimits) -
                         {"index": i, "width": width, "height": height, "max_pixels": limits.max_pixels},
                     )
                 image.load()
-                out[i] = _resize(image.convert("RGB"), size)
+                out[i] = fit_image(_upright(image).convert("RGB"), size, resize_mode, fill)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
             raise UnsupportedMediaError(
                 f"image {i}: cannot be decoded as PNG, JPEG or WebP ({exc})", {"index": i}
@@ -63,8 +109,19 @@ def decode_image_files(blobs: Sequence[bytes], size: int, limits: InputLimits) -
     return out
 
 
-def decode_npy(blob: bytes, size: int, limits: InputLimits) -> np.ndarray:
-    """Read one ``.npy`` uint8 batch (N,H,W,3 or N,H,W) and bring it to (N, size, size, 3)."""
+def decode_npy(
+    blob: bytes,
+    size: int,
+    limits: InputLimits,
+    *,
+    resize_mode: ResizeMode | str = ResizeMode.SQUASH,
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """Read one ``.npy`` uint8 batch (N,H,W,3 or N,H,W) and fit it to (N, size, size, 3).
+
+    Arrays carry no orientation tag: they are taken as upright.
+    """
+    resize_mode = ResizeMode(resize_mode)
     try:
         array = np.load(io.BytesIO(blob), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -82,7 +139,7 @@ def decode_npy(blob: bytes, size: int, limits: InputLimits) -> np.ndarray:
         raise PayloadTooLargeError(f"images of {array.shape[2]}x{array.shape[1]} exceed {limits.max_pixels} pixels")
     if array.shape[1:3] == (size, size):
         return np.ascontiguousarray(array)
-    return np.stack([_resize(Image.fromarray(a), size) for a in array])
+    return np.stack([fit_image(Image.fromarray(a), size, resize_mode, fill) for a in array])
 
 
 def _check_count(n: int, limits: InputLimits) -> None:

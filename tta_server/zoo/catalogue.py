@@ -27,6 +27,7 @@ from torch import nn
 
 from adapters.norms import NormKind, detect_norm_kinds
 from tta_server.zoo.resnet_cifar import DEPTH_BLOCKS, cifar_resnet
+from tta_server.zoo.transforms import ResizeMode, pad_colour
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -54,8 +55,19 @@ class ModelSpec(BaseModel):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="expected hash of the weights file")
     clean_top1: float | None = Field(None, ge=0, le=1)
     clean_top1_data: str | None = None
+    resize_mode: ResizeMode = Field(
+        ResizeMode.RESIZE_CROP,
+        description="how inputs of another size are fitted: squash, resize_crop (shorter side, then centre crop) "
+        "or letterbox (fit inside, pad with the mean colour); inputs at input_size are never resampled",
+    )
+    card: Path | None = Field(None, description="JSON model card (training data, schedule, measured accuracy)")
     origin: Literal["third-party", "project", "user"] = "user"
     description: str = ""
+
+    @property
+    def pad_colour(self) -> tuple[int, int, int]:
+        """The ``letterbox`` padding: the mean colour, which normalizes to zero (least shift of BN statistics)."""
+        return pad_colour(self.mean)
 
     @field_validator("std")
     @classmethod
@@ -157,6 +169,23 @@ def load_spec(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     return LoadedModel(spec, model.to(device), digest)
 
 
+def read_card(spec: ModelSpec) -> dict[str, Any] | None:
+    """The spec's JSON model card, or None when it has none.
+
+    A card that is missing or not a JSON object is a :class:`CatalogueError`: a card that was
+    declared but cannot be shown should be noticed, not silently dropped.
+    """
+    if spec.card is None:
+        return None
+    try:
+        card = json.loads(spec.card.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatalogueError(f"model '{spec.name}': cannot read its card {spec.card}: {exc}") from exc
+    if not isinstance(card, dict):
+        raise CatalogueError(f"model '{spec.name}': card {spec.card} is not a JSON object")
+    return card
+
+
 class Catalogue:
     """Named model specs, in a stable order, with lookup errors that list what exists."""
 
@@ -242,6 +271,7 @@ def project_specs(weights_dir: Path = WEIGHTS_DIR) -> list[ModelSpec]:
                 sha256=card["sha256"],
                 clean_top1=card["clean_top1"],
                 clean_top1_data=card["test_data"],
+                card=card_path,
                 origin="project",
                 description=f"CIFAR ResNet with {card['norm'].upper()}, trained {card['epochs']} epochs "
                 f"on {card['train_data']}",
@@ -253,7 +283,7 @@ def project_specs(weights_dir: Path = WEIGHTS_DIR) -> list[ModelSpec]:
 def user_specs(path: Path) -> list[ModelSpec]:
     """Bring-your-own entries from a JSON file: ``{"models": [ {spec fields}, ... ]}``.
 
-    Relative weight paths are resolved against the file's folder.
+    Relative weight and card paths are resolved against the file's folder.
     """
     try:
         raw = json.loads(path.read_text())
@@ -272,6 +302,8 @@ def user_specs(path: Path) -> list[ModelSpec]:
             raise CatalogueError(f"model config {path}, entry {i}: {exc}") from exc
         if not spec.weights.is_absolute():
             spec = spec.model_copy(update={"weights": (path.parent / spec.weights).resolve()})
+        if spec.card is not None and not spec.card.is_absolute():
+            spec = spec.model_copy(update={"card": (path.parent / spec.card).resolve()})
         specs.append(spec)
     return specs
 

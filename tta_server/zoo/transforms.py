@@ -3,15 +3,79 @@
 Every catalogue model states its own input size, mean and std; all image paths in the
 project (HTTP requests, evaluation, training) go through this one function so that a
 model never sees pixels prepared differently from how it was trained.
+
+It also holds the geometry of fitting an image of another size into the model's square
+input (:class:`ResizeMode`, :func:`fit_geometry`): a pure function of the sizes, so the
+decoder, the docs and the tests agree on what each mode does without decoding anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class ResizeMode(StrEnum):
+    """How an image whose size differs from the model's square input is mapped onto it.
+
+    ``squash`` stretches the whole image to the square (no pixel lost, aspect ratio lost);
+    ``resize_crop`` scales the shorter side to the input size and keeps the centre square
+    (aspect ratio kept, the borders of the longer side lost: the usual evaluation transform of
+    ImageNet-style models); ``letterbox`` scales the longer side to the input size and pads the
+    rest (everything kept, undistorted, at the cost of padding pixels the model never saw in
+    training). An image that already has the input size is passed through by every mode.
+    """
+
+    SQUASH = "squash"
+    RESIZE_CROP = "resize_crop"
+    LETTERBOX = "letterbox"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image lands in the model input.
+
+    ``source_box`` (left, top, right, bottom) is the region of the original image that is kept;
+    it is scaled to ``scaled`` (width, height) and pasted at ``offset`` (x, y) of the
+    ``size`` x ``size`` input. Pixels of the input outside the pasted region are padding.
+    """
+
+    size: int
+    source_box: tuple[int, int, int, int]
+    scaled: tuple[int, int]
+    offset: tuple[int, int]
+
+    @property
+    def padded(self) -> bool:
+        return self.scaled != (self.size, self.size)
+
+
+def fit_geometry(width: int, height: int, size: int, mode: ResizeMode | str) -> Geometry:
+    """The geometry of fitting a ``width`` x ``height`` image into ``size`` x ``size`` with ``mode``."""
+    mode = ResizeMode(mode)
+    if width < 1 or height < 1 or size < 1:
+        raise ValueError(f"sizes must be positive, got {width}x{height} -> {size}")
+    whole = (0, 0, width, height)
+    if mode is ResizeMode.SQUASH or width == height:
+        return Geometry(size, whole, (size, size), (0, 0))
+    if mode is ResizeMode.RESIZE_CROP:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return Geometry(size, (left, top, left + side, top + side), (size, size), (0, 0))
+    scale = size / max(width, height)
+    scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return Geometry(size, whole, scaled, ((size - scaled[0]) // 2, (size - scaled[1]) // 2))
+
+
+def pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The uint8 RGB colour that normalizes to zero: padding that shifts normalization statistics least."""
+    r, g, b = (min(255, max(0, round(255 * m))) for m in mean)
+    return (r, g, b)
 
 
 def to_tensor_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
