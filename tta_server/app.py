@@ -4,15 +4,19 @@
       -> schema validation (422) -> decode + limits (413/415/422) -> preprocess (model's own transform)
       -> Batcher.submit: bounded per-process queue (429 + Retry-After when full), per-request deadline (504)
       -> collect: requests of the same stream coalesce into one adaptation batch (max_batch, max_delay)
-      -> StreamRunner (one worker thread per device, never on the event loop)
+      -> ModelWorker (one worker thread per device, never on the event loop)
            state = store.load(stream) or adapter.init_state(model)
            result = adapter.step(model, x, state)          # frozen shared model + per-stream tensors
            store.save(stream, result.state, expected_version)
-      -> response (labels, class names, probabilities, entropy, stream step) + metrics + drift
+           observers (metrics, drift) look at the finished step; they cannot fail it
+      -> response (labels, class names, probabilities, entropy, stream step)
 
-``create_app(settings)`` builds the process-wide services once (catalogue, model hub, state
-store, metrics, batcher), loads the preloaded models in the worker thread during start-up,
-and maps every error to the one JSON error shape in one place (:func:`install_error_handlers`).
+Routes parse and shape; :class:`~tta_server.serving.stream_service.StreamService` owns every
+stream operation and runs every store call off the event loop. ``create_app(settings)`` builds
+the process-wide services once (catalogue, model hub, state store, metrics, batcher), loads the
+preloaded models in the worker thread during start-up, and maps every error to the one JSON
+error shape in one place (:func:`install_error_handlers`). docs/architecture.md draws the
+whole path with the module that owns each step.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError
 from tta_server.api import health, methods_routes, models_routes, predict, streams
-from tta_server.api.deps import Services
+from tta_server.api.deps import Services, StartupStatus
 from tta_server.errors import (
     ConflictError,
     NotFoundError,
@@ -45,7 +49,9 @@ from tta_server.models import ModelHub
 from tta_server.serving.batcher import Batcher
 from tta_server.serving.decode import InputLimits
 from tta_server.serving.drift import DriftTracker
-from tta_server.serving.runner import BatchOutput, StreamRunner
+from tta_server.serving.model_worker import BatchOutput, ModelWorker
+from tta_server.serving.observers import DriftObserver, MetricsObserver, Observers
+from tta_server.serving.stream_service import StreamService
 from tta_server.settings import Settings
 from tta_server.state.base import (
     StoreUnavailableError,
@@ -65,8 +71,8 @@ def _preload(services: Services) -> None:
             services.hub.get(name)
         except Exception as exc:
             log.error("cannot load model %s: %s", name, exc)
-            services.startup_errors.append(f"model '{name}' failed to load: {exc}")
-    services.models_ready = True
+            services.startup.errors.append(f"model '{name}' failed to load: {exc}")
+    services.startup.models_ready = True
 
 
 def to_service_error(exc: Exception) -> ServiceError | None:
@@ -149,24 +155,26 @@ def build_services(settings: Settings) -> Services:
     hub = ModelHub.from_settings(settings)
     store = open_store(settings, metrics, hub.device)
     drift = DriftTracker(sample_every=settings.drift_sample_every)
-    runner = StreamRunner(hub, store, metrics, drift)
+    observers = Observers([MetricsObserver(metrics), DriftObserver(drift, metrics)], metrics)
+    worker = ModelWorker(hub, store, observers)
 
     def on_batch(images: int, requests: int) -> None:
         metrics.batch_images.observe(images)
         metrics.batch_requests.observe(requests)
 
     batcher: Batcher[BatchOutput] = Batcher(
-        runner.run_batch,
+        worker.run_batch,
         max_batch=settings.max_batch_size,
         max_delay=settings.max_delay_ms / 1000,
         max_queue=settings.max_queue,
         timeout=settings.request_timeout_s,
         on_batch=on_batch,
     )
+    streams = StreamService(hub, store, worker, batcher, drift, metrics)
     metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)
-    metrics.track_gauge(metrics.active_streams, store.count)
+    metrics.track_gauge(metrics.active_streams, streams.active_streams)
     limits = InputLimits(settings.max_body_bytes, settings.max_images_per_request, settings.max_pixels_per_image)
-    return Services(settings, hub, store, metrics, drift, runner, batcher, limits)
+    return Services(settings, streams, hub, metrics, limits, StartupStatus())
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -177,11 +185,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await services.batcher.start()
-        await services.batcher.run_in_worker(lambda: _preload(services))
+        batcher = services.streams.batcher
+        await batcher.start()
+        await batcher.run_in_worker(lambda: _preload(services))
         yield
-        await services.batcher.stop()
-        services.store.close()
+        await batcher.stop()
+        services.streams.close()
 
     app = FastAPI(
         title="tta-server",

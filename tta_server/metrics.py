@@ -70,6 +70,12 @@ class Metrics:
         self.store_errors = Counter(
             "tta_store_errors_total", "failed state store operations", ["operation"], registry=r
         )
+        self.observer_errors = Counter(
+            "tta_observer_errors_total",
+            "exceptions raised by step observers (metrics, drift); the answer and the stream are unaffected",
+            ["observer"],
+            registry=r,
+        )
         self.store_pending_states = Gauge(
             "tta_store_pending_states",
             "streams whose newest state is only in this process (write-behind, or Redis unreachable)",

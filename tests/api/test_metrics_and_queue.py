@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 from tests.api.helpers import NPY, npy_bytes, random_images
 from tta_server.api.deps import Services
 from tta_server.app import create_app
-from tta_server.serving.runner import BatchOutput
+from tta_server.serving.model_worker import BatchOutput
 from tta_server.settings import Settings
-from tta_server.state.base import StreamKey
+from tta_server.state.base import StreamRecord
 
 
 def test_metrics_exported_in_base_units(client: TestClient) -> None:
@@ -39,13 +39,13 @@ def test_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
     app = create_app(settings.model_copy(update={"max_queue": 1, "max_delay_ms": 0}))
     services: Services = app.state.services
     release = threading.Event()
-    original = services.runner.run_batch
+    original = services.streams.worker.run_batch
 
-    def slow(key: StreamKey, images: np.ndarray, adapt: bool) -> BatchOutput:
+    def slow(record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
         release.wait(10)
-        return original(key, images, adapt)
+        return original(record, images, adapt)
 
-    services.batcher._run_batch = slow
+    services.streams.batcher._run_batch = slow
     with TestClient(app) as c:
         c.post("/v1/streams", json={"model": "resnet20", "method": "bn", "stream_id": "q"})
         body = npy_bytes(random_images(1))

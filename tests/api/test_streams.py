@@ -44,7 +44,7 @@ def test_listing_and_describing_read_state_summaries_not_states(
     create(client, stream_id="busy", method="tent")
     create(client, stream_id="idle", method="tent")
     assert client.post("/v1/streams/busy/predict", content=npy_bytes(random_images(4)), headers=NPY).status_code == 200
-    store = client.app.state.services.store  # type: ignore[attr-defined]
+    store = client.app.state.services.streams.store  # type: ignore[attr-defined]
 
     def no_blob(*_: object) -> None:
         raise AssertionError("a listing loaded a whole state")
@@ -179,11 +179,11 @@ def test_drift_endpoint_reports_windows(client: TestClient) -> None:
 def test_state_for_other_weights_is_refused_until_reset(client: TestClient) -> None:
     create(client, stream_id="w", method="bn")
     client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY)
-    services = client.app.state.services  # type: ignore[attr-defined]
-    key = services.store.get_stream(services.store.list_streams(None, 0, 10)[0][0].key).key
-    stored = services.store.load_state(key)
+    store = client.app.state.services.streams.store  # type: ignore[attr-defined]
+    key = store.get_stream(store.list_streams(None, 0, 10)[0][0].key).key
+    stored = store.load_state(key)
     stale = stored.state.with_meta(model_hash="0" * 64)
-    services.store.save_state(key, stale, stored.version, stored.samples_seen)
+    store.save_state(key, stale, stored.version, stored.samples_seen)
     r = client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY)
     assert r.status_code == 422 and "state made for weights 000000000000" in r.json()["error"]["message"]
     assert client.post("/v1/streams/w/reset").status_code == 200

@@ -10,9 +10,10 @@ import pytest
 
 from tta_server.errors import DeadlineExceededError, QueueFullError
 from tta_server.serving.batcher import Batcher, PendingRequest, take_batch
-from tta_server.state.base import StreamKey
+from tta_server.state.base import StreamKey, StreamRecord
 
-A, B = StreamKey("t", "a"), StreamKey("t", "b")
+A = StreamRecord(StreamKey("t", "a"), "m", "source", {}, 0)
+B = StreamRecord(StreamKey("t", "b"), "m", "source", {}, 0)
 
 
 def _req(n: int, adapt: bool = True, deadline: float = 1e18) -> PendingRequest[int]:
@@ -45,9 +46,9 @@ def _run(coro_fn: object) -> None:
 
 
 def test_requests_of_a_stream_coalesce_in_arrival_order() -> None:
-    calls: list[tuple[StreamKey, int, bool]] = []
+    calls: list[tuple[StreamRecord, int, bool]] = []
 
-    def run_batch(key: StreamKey, images: np.ndarray, adapt: bool) -> list[int]:
+    def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> list[int]:
         calls.append((key, len(images), adapt))
         return [int(v) for v in images[:, 0, 0, 0]]
 
@@ -67,7 +68,7 @@ def test_requests_of_a_stream_coalesce_in_arrival_order() -> None:
 def test_queue_full_is_refused_immediately() -> None:
     release = threading.Event()
 
-    def run_batch(key: StreamKey, images: np.ndarray, adapt: bool) -> int:
+    def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> int:
         release.wait(5)
         return len(images)
 
@@ -90,9 +91,9 @@ def test_queue_full_is_refused_immediately() -> None:
 
 def test_deadline_expires_before_running_and_failures_stay_in_their_batch() -> None:
     release = threading.Event()
-    ran: list[StreamKey] = []
+    ran: list[StreamRecord] = []
 
-    def run_batch(key: StreamKey, images: np.ndarray, adapt: bool) -> int:
+    def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> int:
         ran.append(key)
         if key == A:
             release.wait(5)
@@ -123,8 +124,8 @@ def test_deadline_expires_before_running_and_failures_stay_in_their_batch() -> N
 def test_streams_are_served_round_robin() -> None:
     order: list[str] = []
 
-    def run_batch(key: StreamKey, images: np.ndarray, adapt: bool) -> None:
-        order.append(key.stream_id)
+    def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> None:
+        order.append(key.key.stream_id)
         time.sleep(0.01)
 
     async def main() -> None:

@@ -10,28 +10,32 @@ from fastapi import Depends, Header, Request
 from tta_server.auth import Principal, authenticate
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
-from tta_server.serving.batcher import Batcher
 from tta_server.serving.decode import InputLimits
-from tta_server.serving.drift import DriftTracker
-from tta_server.serving.runner import BatchOutput, StreamRunner
+from tta_server.serving.stream_service import StreamService
 from tta_server.settings import Settings
-from tta_server.state.base import StateStore
+
+
+@dataclass
+class StartupStatus:
+    """Whether the preloaded models are in memory, and what failed while loading them."""
+
+    models_ready: bool = False
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Services:
-    """What the app builds once at start-up and every request shares."""
+    """What the app builds once at start-up and every request shares.
+
+    Stream operations go through ``streams`` only; ``hub`` serves the model catalogue routes.
+    """
 
     settings: Settings
+    streams: StreamService
     hub: ModelHub
-    store: StateStore
     metrics: Metrics
-    drift: DriftTracker
-    runner: StreamRunner
-    batcher: Batcher[BatchOutput]
     limits: InputLimits
-    startup_errors: list[str] = field(default_factory=list)
-    models_ready: bool = False
+    startup: StartupStatus = field(default_factory=StartupStatus)
 
 
 def get_services(request: Request) -> Services:

@@ -16,10 +16,12 @@ from tta_server.api.body import read_body
 from tta_server.api.deps import PrincipalDep, ServicesDep
 from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
 from tta_server.api.streams import ERRORS, stream_key
-from tta_server.errors import DeadlineExceededError, QueueFullError, RequestInvalidError, UnsupportedMediaError
+from tta_server.errors import RequestInvalidError, UnsupportedMediaError
 from tta_server.serving.decode import InputLimits, decode_image_files, decode_npy
 from tta_server.serving.drift import entropy_and_confidence
-from tta_server.serving.runner import BatchOutput
+from tta_server.serving.model_worker import BatchOutput
+from tta_server.serving.stream_service import PredictInput
+from tta_server.zoo.catalogue import ModelSpec
 
 router = APIRouter(prefix="/v1/streams", tags=["predict"])
 
@@ -42,17 +44,16 @@ PREDICT_BODY = {
 }
 
 
-async def decode_request(
-    request: Request, size: int, limits: InputLimits, max_body: int
-) -> tuple[np.ndarray, PredictJSON | None]:
-    """The request's images as (N, size, size, 3) uint8, and the JSON options if the body was JSON."""
+async def decode_request(request: Request, spec: ModelSpec, limits: InputLimits, max_body: int) -> PredictInput:
+    """The request's images as (N, size, size, 3) uint8 for the model of ``spec``, and the body's options."""
+    size = spec.input_size
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, max_body)
     if content_type == "multipart/form-data":
         form = await request.form(max_files=limits.max_images + 1, max_fields=16)
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         blobs = [await f.read() for f in files]
-        return await asyncio.to_thread(decode_image_files, blobs, size, limits), None
+        return PredictInput(await asyncio.to_thread(decode_image_files, blobs, size, limits))
     if content_type == "application/json":
         try:
             options = PredictJSON.model_validate_json(body)
@@ -65,9 +66,10 @@ async def decode_request(
                 blobs.append(base64.b64decode(text, validate=True))
             except (binascii.Error, ValueError):
                 raise RequestInvalidError(f"image {i} is not valid base64", {"index": i}) from None
-        return await asyncio.to_thread(decode_image_files, blobs, size, limits), options
+        images = await asyncio.to_thread(decode_image_files, blobs, size, limits)
+        return PredictInput(images, options.adapt, options.top_k)
     if content_type in NPY_TYPES:
-        return await asyncio.to_thread(decode_npy, body, size, limits), None
+        return PredictInput(await asyncio.to_thread(decode_npy, body, size, limits))
     raise UnsupportedMediaError(
         f"content type '{content_type or 'none'}' is not accepted; send multipart/form-data (PNG, JPEG, WebP files), "
         "application/json (base64 images) or application/x-npy (uint8 N x H x W x 3)"
@@ -115,21 +117,13 @@ async def predict(
     are served in arrival order; concurrent requests of the same stream may share one
     adaptation batch (``batch_images``).
     """
-    key = stream_key(principal, stream_id)
-    record = services.store.get_stream(key)
-    spec = services.hub.catalogue.get(record.model)
-    images, options = await decode_request(request, spec.input_size, services.limits, services.settings.max_body_bytes)
-    if options is not None:
-        adapt = options.adapt if options.adapt is not None else adapt
-        top_k = options.top_k or top_k
-    try:
-        output, rows = await services.batcher.submit(key, images, adapt)
-    except QueueFullError:
-        services.metrics.queue_rejections.inc()
-        raise
-    except DeadlineExceededError:
-        services.metrics.deadline_exceeded.inc()
-        raise
+    outcome = await services.streams.predict(
+        stream_key(principal, stream_id),
+        lambda spec: decode_request(request, spec, services.limits, services.settings.max_body_bytes),
+        adapt,
+        top_k,
+    )
+    output, record = outcome.output, outcome.record
     body = PredictResponse(
         stream_id=stream_id,
         model=record.model,
@@ -138,7 +132,7 @@ async def predict(
         version=output.version,
         adapted=output.adapted,
         batch_images=len(output.probs),
-        predictions=predictions(output, rows, top_k),
+        predictions=predictions(output, outcome.rows, outcome.top_k),
     )
     # serialized once by pydantic (the schema above documents it); FastAPI would validate again
     return Response(body.model_dump_json(), media_type="application/json")

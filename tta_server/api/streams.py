@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
 from tta_server.api.body import read_body
-from tta_server.api.deps import PrincipalDep, Services, ServicesDep
+from tta_server.api.deps import PrincipalDep, ServicesDep
 from tta_server.api.schemas import (
     DriftOut,
     ErrorResponse,
@@ -21,7 +19,8 @@ from tta_server.api.schemas import (
     WindowOut,
 )
 from tta_server.auth import Principal
-from tta_server.state.base import StateSummary, StreamKey, StreamRecord
+from tta_server.serving.stream_service import NewStream, StreamView
+from tta_server.state.base import StreamKey
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
 
@@ -34,11 +33,8 @@ def stream_key(principal: Principal, stream_id: str) -> StreamKey:
     return StreamKey(principal.tenant, stream_id)
 
 
-def stream_out(
-    services: Services, record: StreamRecord, summary: StateSummary | None, with_drift: bool = True
-) -> StreamOut:
-    num_classes = len(services.hub.catalogue.get(record.model).classes)
-    drift = services.drift.summary(record.key, num_classes).short if with_drift else None
+def stream_out(view: StreamView) -> StreamOut:
+    record, summary = view.record, view.summary
     return StreamOut(
         stream_id=record.key.stream_id,
         tenant=record.key.tenant,
@@ -53,7 +49,7 @@ def stream_out(
         samples_seen=summary.samples_seen if summary else 0,
         version=summary.version if summary else 0,
         state_bytes=summary.state_bytes if summary else 0,
-        drift=WindowOut(**vars(drift)) if drift else None,
+        drift=WindowOut(**vars(view.drift)) if view.drift else None,
     )
 
 
@@ -81,24 +77,12 @@ def stream_out(
 async def create_stream(body: StreamCreate, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
     """Validate model, method and config (422 for an unknown model or method, an invalid config,
     or a norm type the method cannot adapt) and register the stream (409 if the id is taken)."""
-    config = await services.batcher.run_in_worker(
-        lambda: services.runner.validate(body.model, body.method, body.config)
-    )
-    record = StreamRecord(
-        key=stream_key(principal, body.stream_id or uuid.uuid4().hex[:16]),
-        model=body.model,
-        method=body.method,
-        config=config,
-        seed=body.seed,
-        metadata=body.metadata,
-        created_at=time.time(),
-    )
-    services.store.create_stream(record)
-    return stream_out(services, record, None)
+    new = NewStream(body.model, body.method, body.config, body.seed, body.metadata, body.stream_id)
+    return stream_out(await services.streams.create(principal.tenant, new))
 
 
 @router.get("", response_model=StreamPage, responses=ERRORS, summary="List streams (paged)")
-def list_streams(
+async def list_streams(
     services: ServicesDep,
     principal: PrincipalDep,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -106,35 +90,24 @@ def list_streams(
     all_tenants: Annotated[bool, Query(description="admin keys only: every tenant's streams")] = False,
 ) -> StreamPage:
     tenant = None if (all_tenants and principal.admin) else principal.tenant
-    records, total = services.store.list_streams(tenant, offset, limit)
-    summaries = services.store.state_summaries([r.key for r in records])
-    return StreamPage(
-        streams=[stream_out(services, r, summaries.get(r.key), with_drift=False) for r in records],
-        total=total,
-        offset=offset,
-        limit=limit,
-    )
+    views, total = await services.streams.list(tenant, offset, limit)
+    return StreamPage(streams=[stream_out(v) for v in views], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{stream_id}", response_model=StreamOut, responses=ERRORS, summary="Describe a stream")
-def get_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
-    record = services.store.get_stream(stream_key(principal, stream_id))
-    return stream_out(services, record, services.store.state_summaries([record.key]).get(record.key))
+async def get_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> StreamOut:
+    return stream_out(await services.streams.get(stream_key(principal, stream_id)))
 
 
 @router.delete("/{stream_id}", status_code=204, responses=ERRORS, summary="Delete a stream and its state")
-def delete_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
-    key = stream_key(principal, stream_id)
-    services.store.delete_stream(key)
-    services.drift.forget(key)
+async def delete_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    await services.streams.delete(stream_key(principal, stream_id))
     return Response(status_code=204)
 
 
 @router.post("/{stream_id}/reset", response_model=ResetResponse, responses=ERRORS, summary="Reset to source")
 async def reset_stream(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> ResetResponse:
-    key = stream_key(principal, stream_id)
-    services.store.get_stream(key)
-    step, version = await services.batcher.run_in_worker(lambda: services.runner.reset(key))
+    step, version = await services.streams.reset(stream_key(principal, stream_id))
     return ResetResponse(stream_id=stream_id, step=step, version=version)
 
 
@@ -150,9 +123,7 @@ def safetensors_download(blob: bytes, filename: str, version_header: str, versio
     summary="Export the stream state (safetensors)",
 )
 async def export_state(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
-    key = stream_key(principal, stream_id)
-    services.store.get_stream(key)
-    blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_state(key))
+    blob, version = await services.streams.export_state(stream_key(principal, stream_id))
     return safetensors_download(blob, f"{stream_id}.safetensors", "X-State-Version", version)
 
 
@@ -164,9 +135,7 @@ async def export_state(stream_id: str, services: ServicesDep, principal: Princip
 async def export_parameters(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
     """``model.load_state_dict(tensors, strict=False)`` applies them; ``X-Parameters-Version``
     increases whenever they change, so an edge device pulls only when it is behind."""
-    key = stream_key(principal, stream_id)
-    services.store.get_stream(key)
-    blob, version = await services.batcher.run_in_worker(lambda: services.runner.export_parameters(key))
+    blob, version = await services.streams.export_parameters(stream_key(principal, stream_id))
     return safetensors_download(blob, f"{stream_id}-parameters.safetensors", "X-Parameters-Version", version)
 
 
@@ -180,17 +149,16 @@ async def export_parameters(stream_id: str, services: ServicesDep, principal: Pr
 async def import_state(
     stream_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> StateImported:
-    key = stream_key(principal, stream_id)
-    services.store.get_stream(key)
-    blob = await read_body(request, services.settings.max_body_bytes)
-    step, version = await services.batcher.run_in_worker(lambda: services.runner.import_state(key, blob))
+    limit = services.settings.max_body_bytes
+    step, version = await services.streams.import_state(
+        stream_key(principal, stream_id), lambda: read_body(request, limit)
+    )
     return StateImported(stream_id=stream_id, step=step, version=version)
 
 
 @router.get("/{stream_id}/drift", response_model=DriftOut, responses=ERRORS, summary="Drift signals")
-def get_drift(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> DriftOut:
-    record = services.store.get_stream(stream_key(principal, stream_id))
-    summary = services.drift.summary(record.key, len(services.hub.catalogue.get(record.model).classes))
+async def get_drift(stream_id: str, services: ServicesDep, principal: PrincipalDep) -> DriftOut:
+    summary = await services.streams.drift_of(stream_key(principal, stream_id))
     return DriftOut(
         stream_id=stream_id,
         short=WindowOut(**vars(summary.short)),

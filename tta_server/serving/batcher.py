@@ -32,7 +32,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from tta_server.errors import DeadlineExceededError, QueueFullError
-from tta_server.state.base import StreamKey
+from tta_server.state.base import StreamKey, StreamRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,16 @@ T = TypeVar("T")
 class PendingRequest(Generic[R]):
     """One request waiting for its batch."""
 
-    key: StreamKey
+    record: StreamRecord
     images: np.ndarray
     adapt: bool
     deadline: float
     future: asyncio.Future[tuple[R, slice]]
     enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> StreamKey:
+        return self.record.key
 
     @property
     def size(self) -> int:
@@ -85,7 +89,7 @@ def queued_images(queue: deque[PendingRequest[R]]) -> int:
     return sum(r.size for r in queue)
 
 
-RunBatch = Callable[[StreamKey, np.ndarray, bool], R]
+RunBatch = Callable[[StreamRecord, np.ndarray, bool], R]
 
 
 class Batcher(Generic[R]):
@@ -138,8 +142,11 @@ class Batcher(Generic[R]):
         """Run other torch work (stream reset, state import) on the same worker thread, in order."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, key: StreamKey, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
-        """Queue ``images`` for stream ``key``; returns the batch result and this request's rows in it."""
+    async def submit(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
+        """Queue ``images`` for the stream of ``record``; returns the batch result and this request's rows in it.
+
+        The registration travels with the request, so the worker never reads it again.
+        """
         if self._ready is None:
             raise RuntimeError("batcher is not started")
         if self._queued >= self.max_queue:
@@ -147,8 +154,9 @@ class Batcher(Generic[R]):
             raise QueueFullError(f"request queue is full ({self._queued} waiting); retry later", retry_after=retry)
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
-            key, images, adapt, time.monotonic() + self.timeout, loop.create_future()
+            record, images, adapt, time.monotonic() + self.timeout, loop.create_future()
         )
+        key = record.key
         queue = self._pending.setdefault(key, deque())
         queue.append(request)
         self._queued += 1
@@ -186,7 +194,7 @@ class Batcher(Generic[R]):
         started = time.perf_counter()
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, key, images, batch[0].adapt
+                self._executor, self._run_batch, batch[0].record, images, batch[0].adapt
             )
         except Exception as exc:
             log.warning("batch of %d images for stream %s failed: %s", len(images), key, exc)

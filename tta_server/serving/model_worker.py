@@ -1,18 +1,22 @@
-"""The model worker: runs one stream's batch through its adapter, on one device thread.
+"""The model worker: runs streams' batches through their adapters, on the one device thread.
 
-For each batch: look up the stream's registration, take its latest state from the store
-(or the method's source state), normalize the images with the model's own transform, call
-``adapter.step`` on the shared prepared model, and write the new state back with the version
-it was based on. The shared models are only ever read.
+For each batch: take the stream's latest state from the store (or the method's source state),
+turn the images into the model's input (:func:`~tta_server.serving.method_setup.model_inputs`),
+call ``adapter.step`` on the shared prepared model, and write the new state back with the
+version it was based on. Then the observers (metrics, drift) look at the finished step; they
+cannot change it. The shared models are only ever read.
+
+Every method here is called with the stream's registration already read by the caller (the
+stream service reads it once per request) and runs on the worker thread, never on the event
+loop.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +25,15 @@ import torch
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from adapters import create_adapter
 from adapters.base import Adapter, StepInfo, StreamState
 from adapters.errors import StateMismatchError
-from adapters.norms import norm_kind_of
 from adapters.serialize import state_from_bytes, state_to_bytes
-from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
-from tta_server.serving.drift import BatchSignals, DriftTracker, entropy_and_confidence
-from tta_server.state.base import StateStore, StreamKey, StreamRecord, VersionConflictError
+from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_method
+from tta_server.serving.observers import Observers, StepEvent
+from tta_server.serving.state_checks import check_state_fits
+from tta_server.state.base import StateStore, StreamRecord, VersionConflictError
 from tta_server.zoo.catalogue import LoadedModel
-from tta_server.zoo.transforms import normalize, to_tensor_batch
 
 CAS_ATTEMPTS = 5
 """How often a batch is recomputed when another replica wrote the stream concurrently."""
@@ -49,68 +51,52 @@ class BatchOutput:
     classes: tuple[str, ...]
 
 
-class StreamRunner:
-    """Adapters, prepared models and per-stream states for one device."""
+class ModelWorker:
+    """Method setups (prepared models, bound adapters) and per-stream steps for one device."""
 
-    def __init__(self, hub: ModelHub, store: StateStore, metrics: Metrics, drift: DriftTracker) -> None:
+    def __init__(self, hub: ModelHub, store: StateStore, observers: Observers) -> None:
         self.hub = hub
         self.store = store
-        self.metrics = metrics
-        self.drift = drift
-        self._adapters: dict[tuple[str, str, str], Adapter[Any]] = {}
+        self.observers = observers
+        self._setups: dict[tuple[str, str, str], MethodSetup] = {}
         self._prepared: dict[tuple[str, str], nn.Module] = {}
         self._lock = threading.RLock()
 
-    # -- caches ---------------------------------------------------------------------------
-    def prepared_model(self, model_name: str, method: str, adapter: Adapter[Any]) -> nn.Module:
+    # -- setups ---------------------------------------------------------------------------
+    def _prepare_shared(self, loaded: LoadedModel, adapter: Adapter[Any]) -> nn.Module:
         """One prepared copy of a catalogue model per (model, method), never per stream."""
         with self._lock:
-            key = (model_name, method)
+            key = (loaded.spec.name, adapter.name)
             if key not in self._prepared:
-                source = self.hub.get(model_name).model
-                self._prepared[key] = adapter.prepare(copy.deepcopy(source))
+                self._prepared[key] = prepare_copy(loaded, adapter)
             return self._prepared[key]
 
-    def adapter(self, model_name: str, method: str, config: Mapping[str, Any]) -> Adapter[Any]:
-        """The adapter for (method, config) with auxiliary models bound; raises adapter errors."""
+    def setup(self, model_name: str, method: str, config: Mapping[str, Any]) -> MethodSetup:
+        """The method set up on the model (cached per config); raises adapter and catalogue errors."""
         cache_key = (model_name, method, json.dumps(config, sort_keys=True))
         with self._lock:
-            if cache_key in self._adapters:
-                return self._adapters[cache_key]
-            adapter = create_adapter(method, config)
-            aux = {
-                role: self.prepared_model(name, method, adapter) for role, name in adapter.auxiliary_models().items()
-            }
-            adapter.bind_auxiliary(aux)
-            self._adapters[cache_key] = adapter
-            return adapter
+            if cache_key not in self._setups:
+                self._setups[cache_key] = setup_method(
+                    self.hub.get(model_name), method, config, self.hub.get, self._prepare_shared
+                )
+            return self._setups[cache_key]
 
     def validate(self, model_name: str, method: str, config: Mapping[str, Any]) -> dict[str, Any]:
         """Registration-time checks: model exists, config valid, method supports the model.
 
         Returns the config with defaults filled in, which is what the stream stores.
         """
-        loaded = self.hub.get(model_name)
-        adapter = self.adapter(model_name, method, config)
-        adapter.check_model(loaded.model)
-        normalized: dict[str, Any] = adapter.config.model_dump(mode="json")
+        normalized: dict[str, Any] = self.setup(model_name, method, config).adapter.config.model_dump(mode="json")
         return normalized
 
+    def _setup_of(self, record: StreamRecord) -> MethodSetup:
+        return self.setup(record.model, record.method, record.config)
+
     # -- state ----------------------------------------------------------------------------
-    def _context(self, record: StreamRecord) -> tuple[LoadedModel, Adapter[Any], nn.Module]:
-        loaded = self.hub.get(record.model)
-        adapter = self.adapter(record.model, record.method, record.config)
-        return loaded, adapter, self.prepared_model(record.model, record.method, adapter)
-
-    def current_state(
-        self, record: StreamRecord, context: tuple[LoadedModel, Adapter[Any], nn.Module]
-    ) -> tuple[StreamState, int, int]:
-        """(state, version, samples seen); the source state at version 0 before the first write.
-
-        ``context`` is the stream's ``_context``, looked up once by the caller.
-        """
+    def current_state(self, record: StreamRecord, setup: MethodSetup) -> tuple[StreamState, int, int]:
+        """(state, version, samples seen); the source state at version 0 before the first write."""
         stored = self.store.load_state(record.key)
-        loaded, adapter, prepared = context
+        loaded = setup.loaded
         if stored is not None:
             if stored.state.meta.model_hash != loaded.sha256:
                 made_for = stored.state.meta.model_hash[:12]
@@ -120,194 +106,75 @@ class StreamRunner:
                     "(POST /v1/streams/{id}/reset) or serve the new weights under a new model name"
                 )
             return stored.state, stored.version, stored.samples_seen
-        return adapter.init_state(prepared, record.seed, loaded.sha256), 0, 0
+        return setup.adapter.init_state(setup.model, record.seed, loaded.sha256), 0, 0
 
     # -- the hot path ---------------------------------------------------------------------
-    def run_batch(self, key: StreamKey, images: np.ndarray, adapt: bool) -> BatchOutput:
-        """Predict (and adapt) one batch of uint8 NHWC images for stream ``key``.
+    def run_batch(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
+        """Predict (and adapt) one batch of uint8 NHWC images for the stream of ``record``.
 
         The write is a compare-and-set on the version the step started from. If another
         replica wrote the stream in between, the step is recomputed from the newer state
         (up to ``CAS_ATTEMPTS`` times), so no acknowledged adaptation step is ever lost.
         """
-        record = self.store.get_stream(key)
-        context = self._context(record)
-        loaded, adapter, prepared = context
-        spec = loaded.spec
-        x = normalize(to_device(to_tensor_batch(images), self.hub.device), spec.mean, spec.std, spec.input_size)
-        labels = (record.model, record.method)
+        setup = self._setup_of(record)
+        x = model_inputs(images, setup.spec, self.hub.device)
         for attempt in range(1, CAS_ATTEMPTS + 1):
-            state, version, seen = self.current_state(record, context)
+            state, version, seen = self.current_state(record, setup)
             started = time.perf_counter()
-            result = adapter.step(prepared, x, state, adapt=adapt)
+            result = setup.adapter.step(setup.model, x, state, adapt=adapt)
             elapsed = time.perf_counter() - started
             if not adapt:
                 new_version = version
                 break
             try:
-                new_version = self.store.save_state(key, result.state, version, seen + len(images))
+                new_version = self.store.save_state(record.key, result.state, version, seen + len(images))
                 break
             except VersionConflictError:
-                self.metrics.store_errors.labels("version_conflict").inc()
+                self.observers.metrics.store_errors.labels("version_conflict").inc()
                 if attempt == CAS_ATTEMPTS:
                     raise
         probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
-        self.metrics.inference.labels(*labels).observe(elapsed)
-        self.metrics.images.labels(*labels).inc(len(images))
-        if adapt:
-            self.metrics.state_bytes.labels(*labels).observe(result.state.nbytes())
-        info = result.info
-        if info.adapted:
-            self.metrics.adaptation_steps.labels(*labels).inc()
-        if info.samples_filtered:
-            self.metrics.samples_filtered.labels(*labels).inc(info.samples_filtered)
-        if info.resets:
-            self.metrics.resets.labels(*labels, "collapse").inc(info.resets)
-        self._record_drift(record, loaded, x, probs, info, result.state.meta.step)
-        return BatchOutput(probs, result.state.meta.step, new_version, info.adapted, info, spec.classes)
-
-    def _record_drift(
-        self, record: StreamRecord, loaded: LoadedModel, x: torch.Tensor, probs: np.ndarray, info: StepInfo, step: int
-    ) -> None:
-        entropy, confidence = entropy_and_confidence(probs)
-        labels = (record.model, record.method)
-        self.metrics.entropy.labels(*labels).observe(float(entropy.mean()))
-        self.metrics.confidence.labels(*labels).observe(float(confidence.mean()))
-        sampled = disagreed = 0
-        bn_shift = None
-        if self.drift.should_sample(step):
-            source_pred, bn_shift = source_view(loaded.model, x)
-            sampled = len(probs)
-            disagreed = int((source_pred != probs.argmax(axis=1)).sum())
-            self.metrics.disagreement.labels(*labels).observe(disagreed / sampled)
-            if bn_shift is not None:
-                self.metrics.bn_shift.labels(*labels).observe(bn_shift)
-        counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
-        self.drift.record(
-            record.key,
-            BatchSignals(
-                n=len(probs),
-                entropy_sum=float(entropy.sum()),
-                confidence_sum=float(confidence.sum()),
-                class_counts=counts,
-                filtered=info.samples_filtered,
-                used=info.samples_used,
-                resets=info.resets,
-                sampled=sampled,
-                disagreed=disagreed,
-                bn_shift=bn_shift,
-            ),
+        step = result.state.meta.step
+        self.observers.notify(
+            StepEvent(record, setup.loaded, x, probs, result.info, step, elapsed, adapt, result.state.nbytes())
         )
+        return BatchOutput(probs, step, new_version, result.info.adapted, result.info, setup.spec.classes)
 
     # -- management -----------------------------------------------------------------------
-    def reset(self, key: StreamKey) -> tuple[int, int]:
+    def reset(self, record: StreamRecord) -> tuple[int, int]:
         """Back to source; returns (step, new version)."""
-        record = self.store.get_stream(key)
-        loaded, adapter, prepared = self._context(record)
-        stored = self.store.load_state(key)
+        setup = self._setup_of(record)
+        stored = self.store.load_state(record.key)
         if stored is None:
-            fresh, version, seen = adapter.init_state(prepared, record.seed, loaded.sha256), 0, 0
+            fresh = setup.adapter.init_state(setup.model, record.seed, setup.loaded.sha256)
+            version, seen = 0, 0
         else:
             # a reset also re-bases a stream whose model weights changed since its last write
-            fresh = adapter.reset(prepared, stored.state.with_meta(model_hash=loaded.sha256))
+            fresh = setup.adapter.reset(setup.model, stored.state.with_meta(model_hash=setup.loaded.sha256))
             version, seen = stored.version, stored.samples_seen
-        new_version = self.store.save_state(key, fresh, version, seen)
-        self.metrics.resets.labels(record.model, record.method, "api").inc()
+        new_version = self.store.save_state(record.key, fresh, version, seen)
         return fresh.meta.step, new_version
 
-    def export_state(self, key: StreamKey) -> tuple[bytes, int]:
+    def export_state(self, record: StreamRecord) -> tuple[bytes, int]:
         """The stream's state as safetensors bytes, and its version."""
-        record = self.store.get_stream(key)
-        state, version, _ = self.current_state(record, self._context(record))
+        state, version, _ = self.current_state(record, self._setup_of(record))
         return state_to_bytes(state), version
 
-    def export_parameters(self, key: StreamKey) -> tuple[bytes, int]:
+    def export_parameters(self, record: StreamRecord) -> tuple[bytes, int]:
         """The adapted tensors under the model's own names (for an edge device), and their version."""
-        record = self.store.get_stream(key)
-        context = self._context(record)
-        state, _, _ = self.current_state(record, context)
-        adapter = context[1]
-        version, tensors = adapter.export_tensors(state)
+        setup = self._setup_of(record)
+        state, _, _ = self.current_state(record, setup)
+        version, tensors = setup.adapter.export_tensors(state)
         payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"method": record.method, "model": record.model, "version": str(version)}
         return save_tensors(payload, metadata=meta), version
 
-    def import_state(self, key: StreamKey, blob: bytes) -> tuple[int, int]:
+    def import_state(self, record: StreamRecord, blob: bytes) -> tuple[int, int]:
         """Replace the stream's state with ``blob`` after checking it fits; returns (step, version)."""
-        record = self.store.get_stream(key)
-        context = self._context(record)
-        loaded, adapter, prepared = context
+        setup = self._setup_of(record)
         incoming = state_from_bytes(blob, device=self.hub.device)
-        reference = adapter.init_state(prepared, record.seed, loaded.sha256)
+        reference = setup.adapter.init_state(setup.model, record.seed, setup.loaded.sha256)
         check_state_fits(incoming, reference, record)
-        _, version, seen = self.current_state(record, context)
-        new_version = self.store.save_state(key, incoming, version, seen)
+        _, version, seen = self.current_state(record, setup)
+        new_version = self.store.save_state(record.key, incoming, version, seen)
         return incoming.meta.step, new_version
-
-
-def check_state_fits(incoming: StreamState, reference: StreamState, record: StreamRecord) -> None:
-    """Refuse a state made for another method, config or model, or with other tensors."""
-    meta = incoming.meta
-    if meta.method != record.method:
-        raise StateMismatchError(f"state was made by method '{meta.method}', the stream uses '{record.method}'")
-    if meta.model_hash != reference.meta.model_hash:
-        raise StateMismatchError(
-            f"state was made for model weights {meta.model_hash[:12]}, the stream's model has "
-            f"{reference.meta.model_hash[:12]}"
-        )
-    if meta.config != reference.meta.config:
-        raise StateMismatchError(f"state was made with config {meta.config}, the stream uses {reference.meta.config}")
-    missing = sorted(set(reference.tensors) - set(incoming.tensors))
-    extra = sorted(set(incoming.tensors) - set(reference.tensors))
-    if missing or extra:
-        raise StateMismatchError(f"state tensors differ: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, ref in reference.tensors.items():
-        got = incoming.tensors[name]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            raise StateMismatchError(
-                f"tensor '{name}' is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
-            )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise StateMismatchError(f"tensor '{name}' holds NaN or infinite values")
-
-
-def to_device(batch: torch.Tensor, device: str) -> torch.Tensor:
-    """Copy a uint8 batch to ``device``; on CUDA through pinned memory, asynchronously.
-
-    The uint8 batch is 4x smaller than the float input, so it is what crosses the bus; the
-    conversion and normalization then run on the GPU.
-    """
-    if not device.startswith("cuda"):
-        return batch
-    return batch.contiguous().pin_memory().to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def source_view(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, float | None]:
-    """The source model's predictions and, for BN models, the batch-statistics shift from source.
-
-    The shift is the mean over BN layers and channels of |batch mean - running mean| divided by
-    the running std, measured on each BN layer's input during this forward.
-    """
-    shifts: list[float] = []
-    handles = []
-
-    def hook_for(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            if bn.running_mean is None or bn.running_var is None:
-                return
-            batch_mean = inputs[0].float().mean(dim=(0, 2, 3)) if inputs[0].ndim == 4 else inputs[0].mean(0)
-            scale = (bn.running_var + bn.eps).sqrt()
-            shifts.append(float(((batch_mean - bn.running_mean).abs() / scale).mean()))
-
-        return hook
-
-    for module in model.modules():
-        if norm_kind_of(module) is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
-            handles.append(module.register_forward_pre_hook(hook_for(module)))
-    try:
-        preds = model(x).argmax(dim=1).cpu().numpy()
-    finally:
-        for h in handles:
-            h.remove()
-    return preds, (sum(shifts) / len(shifts) if shifts else None)

@@ -1,0 +1,168 @@
+"""Observers of a finished step: metrics and drift watch what happened, they never decide it.
+
+Why observers: a step's answer and the stream's next state are settled once the state is
+written. Metrics and drift bookkeeping come after that; if one of them raised inside the step,
+the client got a 500 although the stream had already moved on, which breaks the promise that
+a failed request never changes a stream. So each observer runs behind :meth:`Observers.notify`,
+which logs and counts an observer's exception (``tta_observer_errors_total{observer}``) and
+carries on: the answer and the stored state are what they would have been without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters.base import StepInfo
+from adapters.norms import norm_kind_of
+from tta_server.metrics import Metrics
+from tta_server.serving.drift import BatchSignals, DriftTracker, entropy_and_confidence
+from tta_server.state.base import StreamRecord
+from tta_server.zoo.catalogue import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one finished step of one stream did (the observers' only input)."""
+
+    record: StreamRecord
+    loaded: LoadedModel
+    x: torch.Tensor
+    probs: np.ndarray
+    info: StepInfo
+    step: int
+    seconds: float
+    adapt: bool
+    state_bytes: int
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """The (model, method) metric labels of the stream."""
+        return self.record.model, self.record.method
+
+
+class StepObserver(Protocol):
+    """Something that watches finished steps; ``name`` labels its errors."""
+
+    name: str
+
+    def observe(self, event: StepEvent) -> None: ...
+
+
+class Observers:
+    """Runs every observer on an event; an observer's exception is logged and counted, never raised."""
+
+    def __init__(self, observers: Sequence[StepObserver], metrics: Metrics) -> None:
+        self.observers = list(observers)
+        self.metrics = metrics
+
+    def notify(self, event: StepEvent) -> None:
+        for observer in self.observers:
+            try:
+                observer.observe(event)
+            except Exception:
+                log.exception(
+                    "observer %s failed on stream %s (the request is unaffected)", observer.name, event.record.key
+                )
+                self.metrics.observer_errors.labels(observer.name).inc()
+
+
+class MetricsObserver:
+    """Per-(model, method) counters and histograms of a step."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def observe(self, event: StepEvent) -> None:
+        m, labels, info = self.metrics, event.labels, event.info
+        m.inference.labels(*labels).observe(event.seconds)
+        m.images.labels(*labels).inc(len(event.probs))
+        if event.adapt:
+            m.state_bytes.labels(*labels).observe(event.state_bytes)
+        if info.adapted:
+            m.adaptation_steps.labels(*labels).inc()
+        if info.samples_filtered:
+            m.samples_filtered.labels(*labels).inc(info.samples_filtered)
+        if info.resets:
+            m.resets.labels(*labels, "collapse").inc(info.resets)
+
+
+class DriftObserver:
+    """Drift signals of a step: entropy and confidence always, the source model's view every N batches."""
+
+    name = "drift"
+
+    def __init__(self, drift: DriftTracker, metrics: Metrics) -> None:
+        self.drift = drift
+        self.metrics = metrics
+
+    def observe(self, event: StepEvent) -> None:
+        probs, labels, info = event.probs, event.labels, event.info
+        entropy, confidence = entropy_and_confidence(probs)
+        self.metrics.entropy.labels(*labels).observe(float(entropy.mean()))
+        self.metrics.confidence.labels(*labels).observe(float(confidence.mean()))
+        sampled = disagreed = 0
+        bn_shift = None
+        if self.drift.should_sample(event.step):
+            source_pred, bn_shift = source_view(event.loaded.model, event.x)
+            sampled = len(probs)
+            disagreed = int((source_pred != probs.argmax(axis=1)).sum())
+            self.metrics.disagreement.labels(*labels).observe(disagreed / sampled)
+            if bn_shift is not None:
+                self.metrics.bn_shift.labels(*labels).observe(bn_shift)
+        self.drift.record(
+            event.record.key,
+            BatchSignals(
+                n=len(probs),
+                entropy_sum=float(entropy.sum()),
+                confidence_sum=float(confidence.sum()),
+                class_counts=np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]),
+                filtered=info.samples_filtered,
+                used=info.samples_used,
+                resets=info.resets,
+                sampled=sampled,
+                disagreed=disagreed,
+                bn_shift=bn_shift,
+            ),
+        )
+
+
+@torch.no_grad()
+def source_view(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, float | None]:
+    """The source model's predictions and, for BN models, the batch-statistics shift from source.
+
+    The shift is the mean over BN layers and channels of |batch mean - running mean| divided by
+    the running std, measured on each BN layer's input during this forward.
+    """
+    shifts: list[float] = []
+    handles = []
+
+    def hook_for(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if bn.running_mean is None or bn.running_var is None:
+                return
+            batch_mean = inputs[0].float().mean(dim=(0, 2, 3)) if inputs[0].ndim == 4 else inputs[0].mean(0)
+            scale = (bn.running_var + bn.eps).sqrt()
+            shifts.append(float(((batch_mean - bn.running_mean).abs() / scale).mean()))
+
+        return hook
+
+    for module in model.modules():
+        if norm_kind_of(module) is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_pre_hook(hook_for(module)))
+    try:
+        preds = model(x).argmax(dim=1).cpu().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return preds, (sum(shifts) / len(shifts) if shifts else None)
