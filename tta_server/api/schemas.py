@@ -178,3 +178,51 @@ class MethodInfo(BaseModel):
 
 class MethodList(BaseModel):
     methods: list[MethodInfo]
+
+
+class PreprocessingOut(BaseModel):
+    """What happens to an image between the request body and the model (docs/models.md)."""
+
+    input_size: int = Field(description="the model's square input side, in pixels")
+    mean: list[float] = Field(description="per-channel mean subtracted from RGB in [0, 1]")
+    std: list[float] = Field(description="per-channel std the centred values are divided by")
+    resize_mode: Literal["squash", "resize_crop", "letterbox"] = Field(
+        description="how images of another size are fitted; images at input_size are never resampled"
+    )
+    pad_colour: list[int] = Field(description="uint8 RGB of letterbox padding (the mean colour)")
+    exif_orientation: bool = Field(True, description="images are turned upright by their EXIF tag first")
+    resample: Literal["bilinear"] = "bilinear"
+
+
+class MethodFit(BaseModel):
+    """Whether one registered method can adapt this model at its default config."""
+
+    method: str
+    fits: bool
+    reason: str | None = Field(None, description="why it does not fit (the 422 a stream registration would get)")
+
+
+class ModelDetail(BaseModel):
+    """One catalogue model: identity, weights hash, card, preprocessing and the methods that fit it."""
+
+    name: str
+    arch: str
+    origin: str
+    description: str
+    classes: list[str]
+    num_classes: int
+    weights_sha256: str | None = Field(
+        description="sha256 of the weights file this server loaded (the pinned hash when it cannot be loaded)"
+    )
+    weights_sha256_pinned: str | None = Field(description="the hash the catalogue pins, if any")
+    card: dict[str, object] | None = Field(description="the model card, when the catalogue has one")
+    preprocessing: PreprocessingOut
+    norm: str | None = Field(description="declared norm type")
+    norms: list[str] = Field(description="norm layer types found in the loaded model (declared ones if not loaded)")
+    methods: list[str] = Field(description="registered methods that can adapt this model")
+    method_fit: list[MethodFit] = Field(description="every registered method, with the reason when it does not fit")
+    clean_top1: float | None
+    clean_top1_data: str | None
+    available: bool = Field(description="the weights file exists on this server")
+    loaded: bool = Field(description="the model is in memory (after this request, when it could be loaded)")
+    problem: str | None = Field(None, description="why the model could not be loaded, if it could not")
