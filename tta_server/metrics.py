@@ -5,18 +5,63 @@ detail is on ``GET /v1/streams/{id}/drift``). Each app instance owns its registr
 apps in one process (tests) never collide. The server runs one process per device (one
 model worker thread each); every process exposes its own ``/metrics`` and Prometheus scrapes
 each of them, so no multi-process aggregation is needed.
+
+Besides the ``tta_*`` metrics the registry carries prometheus_client's process collector
+(``process_*``: resident memory, CPU seconds, open file descriptors, start time) and platform
+collector (``python_info``), and ``tta_build_info`` (value 1, labels: server version, Python,
+torch), so a dashboard can tell which build a process runs and whether it leaks. The HTTP verb
+label is ``http_method``, never ``method``: on every other metric ``method`` is the adaptation
+method. Counters whose label values are known up front start at 0 (see :data:`STORE_OPERATIONS`),
+so their series exist before the first event and ``rate()``/``increase()`` see the first one.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0)
+
+STORE_OPERATIONS = (
+    "create_stream",
+    "get_stream",
+    "list_streams",
+    "delete_stream",
+    "load_state",
+    "save_state",
+    "state_summaries",
+    "restore",
+    "flush",
+    "flush_conflict",
+    "version_conflict",
+)
+"""The ``operation`` values of ``tta_store_errors_total``, each exported at 0 from the start.
+
+A store that counts an operation not listed here still works (its series appears at its
+first error); list it here so that its alert and dashboard panel see a 0 before that.
+"""
+
+
+def _version(distribution: str) -> str:
+    """The installed version of ``distribution``, or ``unknown`` (e.g. running from a bare checkout)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -27,14 +72,14 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "tta_http_requests_total",
-            "HTTP requests by route and status code",
-            ["route", "method", "status"],
+            "HTTP requests by route, HTTP verb and status code",
+            ["route", "http_method", "status"],
             registry=r,
         )
         self.latency = Histogram(
             "tta_http_request_duration_seconds",
-            "HTTP request latency by route",
-            ["route", "method"],
+            "HTTP request latency by route and HTTP verb",
+            ["route", "http_method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -116,6 +161,17 @@ class Metrics:
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
             registry=r,
         )
+        self.build_info = Gauge(
+            "tta_build_info",
+            "always 1; the labels say which build this process runs",
+            ["version", "python", "torch"],
+            registry=r,
+        )
+        self.build_info.labels(_version("tta-server"), platform.python_version(), _version("torch")).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
 
     def track_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         """Read a gauge's value from ``fn`` at scrape time."""

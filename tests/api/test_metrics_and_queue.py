@@ -19,7 +19,7 @@ def test_metrics_exported_in_base_units(client: TestClient) -> None:
     client.post("/v1/streams/m/predict", content=npy_bytes(random_images(4)), headers=NPY)
     text = client.get("/metrics").text
     for name in (
-        'tta_http_requests_total{method="POST",route="/v1/streams/{stream_id}/predict",status="200"} 1.0',
+        'tta_http_requests_total{http_method="POST",route="/v1/streams/{stream_id}/predict",status="200"} 1.0',
         "tta_http_request_duration_seconds_bucket",
         "tta_queue_depth 0.0",
         "tta_batch_images_bucket",
