@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import sys
@@ -43,7 +44,7 @@ from adapters.base import Adapter, StreamState
 from adapters.errors import AuxiliaryModelError, UnsupportedModelError
 from adapters.registry import method_names
 from tta_server.data.datasets import load_labeled_images
-from tta_server.evaluation.runner import prepare_models
+from tta_server.serving.method_setup import prepare_for_method
 from tta_server.shift.corruptions import corrupt
 from tta_server.zoo.catalogue import LoadedModel, build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
@@ -116,7 +117,9 @@ def measure(
     module objects, so the hooks see every pass it runs).
     """
     counter = PassCounter({})
-    prepared, prepared_aux = prepare_models(adapter, model, auxiliary)
+    prepared, prepared_aux = prepare_for_method(
+        adapter, model, auxiliary, lambda m: adapter.prepare(copy.deepcopy(m)), lambda m: m
+    )
     handles = [counter.hook(role, aux) for role, aux in prepared_aux.items()]
     handles.append(counter.hook("model", prepared))
     state: StreamState = adapter.init_state(prepared, seed=0)

@@ -13,10 +13,21 @@ from tta_server.zoo.catalogue import Catalogue, LoadedModel, build_catalogue
 log = logging.getLogger(__name__)
 
 
-def resolve_device(choice: DeviceChoice) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+class DeviceError(ValueError):
+    """A device that this machine does not have, or a name that is not a device choice."""
+
+
+def resolve_device(choice: DeviceChoice | str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error.
+
+    The one place that turns a device choice into a torch device, for the server and ``eval`` alike.
+    """
+    try:
+        choice = DeviceChoice(choice)
+    except ValueError:
+        raise DeviceError(f"unknown device {choice!r}; choose auto, cpu or cuda") from None
     if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+        raise DeviceError("device 'cuda' was requested but no CUDA device is available")
     if choice is DeviceChoice.AUTO:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice.value

@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 
 from tests.api.helpers import NPY, npy_bytes
 from tta_server.data.datasets import load_labeled_images
-from tta_server.evaluation.runner import EvalSpec, run_eval, subset
+from tta_server.evaluation.harness import EvalSpec, run_eval, subset
 from tta_server.shift.cache import CorruptedSets
 from tta_server.shift.domains import Domain
-from tta_server.shift.streams import Setting, Stream
+from tta_server.shift.streams import CorruptionStream, Setting
 
 
 @pytest.mark.parametrize("method", ["bn", "unmix_tns"])
@@ -40,7 +40,7 @@ def test_http_stream_accuracy_equals_eval(client: TestClient, shared_dir: Path, 
     assert created.status_code == 201, created.text
     correct = seen = 0
     with CorruptedSets(data, spec.seed, tmp_path, persistent=False) as sets:
-        stream = Stream(spec.setting, [Domain("contrast", 5)], data.y, sets, spec.batch_size, spec.seed)
+        stream = CorruptionStream(spec.setting, [Domain("contrast", 5)], data.y, sets, spec.batch_size, spec.seed)
         for batch in stream:
             r = client.post("/v1/streams/e2e/predict", content=npy_bytes(batch.x), headers=NPY)
             assert r.status_code == 200, r.text

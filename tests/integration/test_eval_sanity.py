@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from tta_server.evaluation.harness import EvalSpec, run_eval
 from tta_server.evaluation.report import build_report, load_results
 from tta_server.evaluation.results import EvalResult, write_result
-from tta_server.evaluation.runner import EvalSpec, run_eval
 from tta_server.shift.streams import Setting
 
 

@@ -18,9 +18,9 @@ from adapters import registry
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
 from adapters.norms import NormKind
 from tta_server.cli import app
+from tta_server.evaluation.harness import EvalError, EvalSpec, Tally, run_eval, subset
 from tta_server.evaluation.report import Row, build_report, group_rows, load_results, table, used_cell
 from tta_server.evaluation.results import EvalResult, Work, read_result, run_markdown, write_result
-from tta_server.evaluation.runner import EvalError, EvalSpec, Tally, run_eval, subset
 from tta_server.shift.corruptions import Domain
 from tta_server.shift.streams import Setting
 from tta_server.zoo.resnet_cifar import cifar_resnet

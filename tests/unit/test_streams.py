@@ -7,8 +7,8 @@ import pytest
 
 from tta_server.shift.corruptions import Domain
 from tta_server.shift.streams import (
+    CorruptionStream,
     Setting,
-    Stream,
     StreamBatch,
     StreamError,
     dirichlet_label_order,
@@ -45,7 +45,7 @@ def label_changes(y: np.ndarray) -> int:
 
 def collect(setting: Setting, batch_size: int, seed: int = 0) -> tuple[list[StreamBatch], FakeSource]:
     source = FakeSource()
-    return list(Stream(setting, DOMAINS, labels(), source, batch_size, seed)), source
+    return list(CorruptionStream(setting, DOMAINS, labels(), source, batch_size, seed)), source
 
 
 def decode(batch: StreamBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +108,13 @@ def test_batch_size_one_and_determinism() -> None:
     assert all(np.array_equal(a.x, b.x) for a, b in zip(ones, again, strict=True))
     other, _ = collect(Setting.CORRELATED, 1, seed=6)
     assert not all(np.array_equal(a.x, b.x) for a, b in zip(ones, other, strict=True))
-    assert len(Stream(Setting.IID, DOMAINS, labels(), FakeSource(), 7)) == 3 * 29
+    assert len(CorruptionStream(Setting.IID, DOMAINS, labels(), FakeSource(), 7)) == 3 * 29
 
 
 def test_streams_are_lazy() -> None:
     """Nothing is loaded before iteration; the next domain only when its segment starts."""
     source = FakeSource()
-    stream = iter(Stream(Setting.IID, DOMAINS, labels(), source, 64))
+    stream = iter(CorruptionStream(Setting.IID, DOMAINS, labels(), source, 64))
     assert source.loads == []
     next(stream)
     assert source.loads == [DOMAINS[0].name]
@@ -129,7 +129,7 @@ def test_plans_and_errors() -> None:
     segs = plan_segments(Setting.MIXED, 3, labels(), seed=1)
     assert len(segs) == 1 and len(segs[0]) == 3 * N
     with pytest.raises(StreamError, match="batch size"):
-        Stream(Setting.IID, DOMAINS, labels(), FakeSource(), 0)
+        CorruptionStream(Setting.IID, DOMAINS, labels(), FakeSource(), 0)
     with pytest.raises(StreamError, match="at least one domain"):
         plan_segments(Setting.IID, 0, labels(), 0)
     with pytest.raises(StreamError, match="delta"):

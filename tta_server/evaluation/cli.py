@@ -108,14 +108,6 @@ def default_settings() -> Settings:
         raise typer.Exit(code=2) from None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def eval_command(
     model: Annotated[str, typer.Option(help="catalogue model name (see `tta-server models`)")],
     method: Annotated[str, typer.Option(help="adaptation method (adapter registry name), e.g. source, bn")],
@@ -148,8 +140,9 @@ def eval_command(
     # Imported here so that `tta-server --help` and `serve` do not load SciPy and the harness.
     from adapters.errors import AdapterError
     from tta_server.data.datasets import DatasetError
+    from tta_server.evaluation.harness import EvalError, EvalSpec, run_eval
     from tta_server.evaluation.results import run_markdown, write_result
-    from tta_server.evaluation.runner import EvalError, EvalSpec, run_eval
+    from tta_server.models import DeviceError, resolve_device
     from tta_server.shift.domains import CorruptionError
     from tta_server.shift.streams import StreamError
     from tta_server.zoo.catalogue import CatalogueError
@@ -159,6 +152,11 @@ def eval_command(
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = default_settings()
+    try:
+        resolved_device = resolve_device(device)
+    except DeviceError as exc:
+        err_console.print(f"[red]cannot evaluate:[/red] {exc}")
+        raise typer.Exit(code=2) from None
     spec = EvalSpec(
         model=model,
         method=method,
@@ -175,7 +173,7 @@ def eval_command(
         model_config_file=model_config_file,
         cache_dir=cache_dir,
         persistent_cache=not no_cache,
-        device=resolve_device(device),
+        device=resolved_device,
         threads=threads,
         command="tta-server " + shlex.join(sys.argv[1:]),
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from adapters import create_adapter
 from adapters.base import Adapter
 from tta_server.zoo.catalogue import LoadedModel, ModelSpec
 from tta_server.zoo.transforms import normalize, to_tensor_batch
+
+M = TypeVar("M")
 
 PrepareFn = Callable[[LoadedModel, Adapter[Any]], nn.Module]
 """Turns a loaded model into ``adapter.prepare``'s result (a private copy, or a cached one)."""
@@ -48,6 +50,25 @@ class MethodSetup:
         return self.loaded.spec
 
 
+def prepare_for_method(
+    adapter: Adapter[Any],
+    model: M,
+    auxiliary: Mapping[str, M],
+    prepare: Callable[[M], nn.Module],
+    module_of: Callable[[M], nn.Module],
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The one binding sequence: prepare and bind the auxiliary models, check the model, prepare it.
+
+    Generic over how a model is held (a catalogue :class:`LoadedModel`, or a bare module in the
+    cost benchmark); ``module_of`` reaches the module that ``check_model`` inspects.
+    """
+    prepared_aux = {role: prepare(aux) for role, aux in auxiliary.items()}
+    if prepared_aux:
+        adapter.bind_auxiliary(prepared_aux)
+    adapter.check_model(module_of(model))
+    return prepare(model), prepared_aux
+
+
 def setup_method(
     loaded: LoadedModel,
     method: str,
@@ -63,10 +84,8 @@ def setup_method(
     """
     adapter = create_adapter(method, config)
     auxiliary = {role: load_model(name) for role, name in adapter.auxiliary_models().items()}
-    if auxiliary:
-        adapter.bind_auxiliary({role: prepare(aux, adapter) for role, aux in auxiliary.items()})
-    adapter.check_model(loaded.model)
-    return MethodSetup(loaded, adapter, prepare(loaded, adapter), auxiliary)
+    model, _ = prepare_for_method(adapter, loaded, auxiliary, lambda m: prepare(m, adapter), lambda m: m.model)
+    return MethodSetup(loaded, adapter, model, auxiliary)
 
 
 def model_inputs(images: np.ndarray, spec: ModelSpec, device: str) -> torch.Tensor:

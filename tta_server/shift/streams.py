@@ -75,7 +75,7 @@ class Segment:
 class StreamBatch:
     """One batch as a client would send it, plus what scoring needs.
 
-    ``domain_ids`` index :attr:`Stream.domains` per sample; ``start`` is the position of the
+    ``domain_ids`` index :attr:`CorruptionStream.domains` per sample; ``start`` is the position of the
     first sample in the whole stream; ``reset`` asks the runner to reset the state first.
     """
 
@@ -157,7 +157,7 @@ def plan_segments(
     return segments
 
 
-class Stream:
+class CorruptionStream:
     """A planned stream over ``domains`` that yields :class:`StreamBatch` lazily.
 
     Single-domain segments load their domain's images once when the segment starts (one

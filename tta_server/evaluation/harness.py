@@ -1,30 +1,29 @@
 """Run one adaptation method over one corruption stream, in process, and score it.
 
 The harness knows nothing about individual methods: it asks the adapter registry for the
-method by name, lets the adapter check and prepare the model, loads any auxiliary models
-the adapter names (resolved in the model catalogue), and then drives the four verbs of
-the adapter contract exactly as the server does: ``init_state`` once, ``step`` per batch
-with the returned state carried forward, ``reset`` where the stream setting says so. A new
-method registered in ``adapters`` is therefore benchmarked with no change here.
+method by name and sets it up with the server's own function
+(:func:`~tta_server.serving.method_setup.setup_method`: auxiliary models resolved in the
+catalogue and bound, the model checked and prepared), turns images into model inputs with the
+server's :func:`~tta_server.serving.method_setup.model_inputs`, and drives the adapter contract
+as the server does: ``init_state`` once, ``step`` per batch with the returned state carried
+forward, ``reset`` where the stream setting says so. A new method registered in ``adapters`` is
+therefore benchmarked with no change here, and a stream replayed here sees what the server sees.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
-import adapters
-from adapters.base import Adapter, StepInfo, StreamState
+from adapters.base import StepInfo, StreamState
 from tta_server.data.datasets import LabeledImages, load_labeled_images
 from tta_server.evaluation.environment import machine_info, package_versions
 from tta_server.evaluation.results import (
@@ -36,11 +35,11 @@ from tta_server.evaluation.results import (
     Timing,
     Work,
 )
+from tta_server.serving.method_setup import MethodSetup, model_inputs, setup_method
 from tta_server.shift.cache import CorruptedSets, dataset_fingerprint
 from tta_server.shift.domains import CLEAN, CORRUPTIONS, Domain
-from tta_server.shift.streams import DEFAULT_DIRICHLET_DELTA, Setting, Stream
-from tta_server.zoo.catalogue import LoadedModel, build_catalogue
-from tta_server.zoo.transforms import normalize, to_tensor_batch
+from tta_server.shift.streams import DEFAULT_DIRICHLET_DELTA, CorruptionStream, Setting
+from tta_server.zoo.catalogue import build_catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -168,33 +167,9 @@ def subset(data: LabeledImages, limit: int | None, seed: int) -> LabeledImages:
     return data.subset(picks)
 
 
-def prepare_models(
-    adapter: Adapter[Any], model: nn.Module, auxiliary: Mapping[str, nn.Module]
-) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """Prepare private copies of ``model`` and the auxiliary models (role -> model) and bind them.
-
-    The order matters and is the server's: auxiliary models are prepared and bound first,
-    because a method may check the main model against them (CEMA needs its teacher).
-    Everything is deep-copied, so the given models stay untouched and can be shared.
-    """
-    prepared_aux = {role: adapter.prepare(copy.deepcopy(m)) for role, m in auxiliary.items()}
-    if prepared_aux:
-        adapter.bind_auxiliary(prepared_aux)
-    adapter.check_model(model)
-    return adapter.prepare(copy.deepcopy(model)), prepared_aux
-
-
-def prepare_method(
-    adapter: Adapter[Any], loaded: LoadedModel, load_model: Callable[[str, str], LoadedModel], device: str
-) -> tuple[nn.Module, dict[str, ModelInfo]]:
-    """Load the auxiliary models the method names, then prepare everything (``prepare_models``).
-
-    ``load_model(name, device)`` resolves an auxiliary model name (the catalogue's ``load``).
-    """
-    aux = {role: load_model(name, device) for role, name in adapter.auxiliary_models().items()}
-    prepared, _ = prepare_models(adapter, loaded.model, {role: a.model for role, a in aux.items()})
-    info = {role: ModelInfo(name=a.spec.name, arch=a.spec.arch, sha256=a.sha256) for role, a in aux.items()}
-    return prepared, info
+def auxiliary_info(setup: MethodSetup) -> dict[str, ModelInfo]:
+    """Which auxiliary models (role -> name, arch, hash) the method ran with, for the result file."""
+    return {role: ModelInfo(name=a.spec.name, arch=a.spec.arch, sha256=a.sha256) for role, a in setup.auxiliary.items()}
 
 
 @dataclass
@@ -223,11 +198,9 @@ class WorkCounter:
 
 
 def run_stream(
-    adapter: Adapter[Any],
-    prepared: nn.Module,
+    setup: MethodSetup,
     state: StreamState,
-    stream: Stream,
-    loaded: LoadedModel,
+    stream: CorruptionStream,
     device: str,
     progress: Progress,
     work: WorkCounter,
@@ -236,7 +209,7 @@ def run_stream(
 
     ``work`` accumulates every step's reported passes and sample counts.
     """
-    spec = loaded.spec
+    adapter, prepared = setup.adapter, setup.model
     tally = Tally(len(stream.domains))
     resets, data_s, adapt_s = 0, 0.0, 0.0
     batches = iter(stream)
@@ -252,7 +225,7 @@ def run_stream(
             state = adapter.reset(prepared, state)
             resets += 1
         first = False
-        x = normalize(to_tensor_batch(batch.x).to(device), spec.mean, spec.std, spec.input_size)
+        x = model_inputs(batch.x, setup.spec, device)
         result = adapter.step(prepared, x, state)
         state = result.state
         work.add(result.info)
@@ -284,8 +257,8 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
     domains = spec.domains()
     catalogue = build_catalogue(spec.models_dir, spec.model_config_file)
     loaded = catalogue.load(spec.model, spec.device)
-    adapter = adapters.create_adapter(spec.method, spec.method_config)
-    prepared, aux_info = prepare_method(adapter, loaded, catalogue.load, spec.device)
+    setup = setup_method(loaded, spec.method, spec.method_config, lambda name: catalogue.load(name, spec.device))
+    adapter = setup.adapter
 
     t0 = time.perf_counter()
     source = load_labeled_images(spec.data, spec.cache_dir)
@@ -297,14 +270,12 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
     load_s = time.perf_counter() - t0
 
     torch.manual_seed(spec.seed)
-    state = adapter.init_state(prepared, spec.seed, loaded.sha256)
+    state = adapter.init_state(setup.model, spec.seed, loaded.sha256)
     with CorruptedSets(data, spec.seed, spec.cache_dir, persistent=spec.persistent_cache) as sets:
-        stream = Stream(spec.setting, domains, data.y, sets, spec.batch_size, spec.seed, spec.dirichlet_delta)
+        stream = CorruptionStream(spec.setting, domains, data.y, sets, spec.batch_size, spec.seed, spec.dirichlet_delta)
         progress.start(stream.n_samples, domains[0].name)
         work = WorkCounter()
-        tally, resets, data_s, adapt_s = run_stream(
-            adapter, prepared, state, stream, loaded, spec.device, progress, work
-        )
+        tally, resets, data_s, adapt_s = run_stream(setup, state, stream, spec.device, progress, work)
     scores = [
         DomainScore(
             corruption=d.corruption,
@@ -322,7 +293,7 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
         method=spec.method,
         method_config=adapter.config.model_dump(mode="json"),
         config_overrides=dict(spec.method_config),
-        auxiliary_models=aux_info,
+        auxiliary_models=auxiliary_info(setup),
         predicts=str(getattr(adapter, "predicts", "")),
         setting=spec.setting.value,
         batch_size=spec.batch_size,
