@@ -39,7 +39,7 @@ import torch
 from adapters import create_adapter
 from adapters.serialize import state_from_bytes, state_to_bytes
 from tta_server.state.base import StreamKey, StreamRecord
-from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.redis import RedisStateStore
 from tta_server.zoo.catalogue import LoadedModel, build_catalogue
 
 TENANT = "bench"

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tta_server.state.factory import StoreOptions
 from tta_server.state.write_policy import WriteMode
 
 
@@ -98,3 +99,20 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    def store_options(self) -> StoreOptions:
+        """What :func:`tta_server.state.factory.open_store` needs (the state layer never sees settings)."""
+        return StoreOptions(
+            url=self.store_url,
+            memory_max_streams=self.memory_max_streams,
+            memory_ttl_s=self.memory_ttl_s,
+            redis_key_prefix=self.redis_key_prefix,
+            redis_ttl_s=self.redis_ttl_s,
+            redis_write_policy=self.redis_write_policy,
+            redis_flush_every_steps=self.redis_flush_every_steps,
+            redis_flush_every_s=self.redis_flush_every_s,
+            redis_cache_streams=self.redis_cache_streams,
+            redis_max_connections=self.redis_max_connections,
+            redis_timeout_s=self.redis_timeout_s,
+            redis_retry_s=self.redis_retry_s,
+        )

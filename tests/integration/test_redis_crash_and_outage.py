@@ -22,7 +22,7 @@ from tta_server.app import create_app
 from tta_server.metrics import Metrics
 from tta_server.settings import Settings
 from tta_server.state.base import StoredState, StoreUnavailableError, StreamKey, StreamRecord
-from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.redis import RedisStateStore
 
 pytestmark = pytest.mark.integration
 

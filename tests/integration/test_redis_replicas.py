@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.conftest import ServerProcess, predict
 from tta_server.state.base import StreamKey
-from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.redis import RedisStateStore
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from tta_server.state.base import (
     StreamRecord,
     VersionConflictError,
 )
-from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.redis import RedisStateStore
 from tta_server.state.write_policy import WriteMode, WritePolicy
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_hot_cache_skips_transfer_when_current(make_store: StoreFactory) -> None
     key = StreamKey("t", "hot")
     store.create_stream(record("t", "hot"))
     store.save_state(key, state(1.0, 1), 0, 1)
-    with mock.patch("tta_server.state.redis_store.state_from_bytes", wraps=state_from_bytes) as decode:
+    with mock.patch("tta_server.state.redis.store.state_from_bytes", wraps=state_from_bytes) as decode:
         for _ in range(3):
             loaded = store.load_state(key)
             assert loaded is not None and loaded.version == 1
@@ -237,12 +237,12 @@ def test_a_retried_write_is_recognised_not_reported_as_conflict(make_store: Stor
 
     stored = StoredState(state(1.0, 1), 1, 1, time.time())
     token = uuid.uuid4().hex
-    assert store._write(key, rec, stored, 0, token, [], False) == (1, 1)
-    assert store._write(key, rec, stored, 0, token, [], False) == (1, 1)  # the replay: applied once
-    assert store._write(key, rec, stored, 0, uuid.uuid4().hex, [], False) == (2, 1)  # someone else: conflict
+    assert store.scripts.write(key, rec, stored, 0, token, [], False) == (1, 1)
+    assert store.scripts.write(key, rec, stored, 0, token, [], False) == (1, 1)  # the replay: applied once
+    assert store.scripts.write(key, rec, stored, 0, uuid.uuid4().hex, [], False) == (2, 1)  # someone else: conflict
     later = StoredState(state(3.0, 3), 3, 3, time.time())
     # A write whose outcome was never learned (token) is accepted as this replica's own base.
-    assert store._write(key, rec, later, 0, uuid.uuid4().hex, [token], False) == (1, 3)
+    assert store.scripts.write(key, rec, later, 0, uuid.uuid4().hex, [token], False) == (1, 3)
 
 
 def test_state_summaries_read_small_fields_and_pending_steps_from_the_cache(make_store: StoreFactory) -> None:

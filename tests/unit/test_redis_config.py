@@ -14,8 +14,8 @@ from tta_server.settings import Settings
 from tta_server.state.base import StreamKey, StreamRecord
 from tta_server.state.factory import open_store
 from tta_server.state.memory import MemoryStateStore
-from tta_server.state.redis_keys import KeyLayout, key_of_member, member_of, record_from_json, record_to_json
-from tta_server.state.redis_store import RedisStateStore
+from tta_server.state.redis.keys import KeyLayout, key_of_member, member_of, record_from_json, record_to_json
+from tta_server.state.redis import RedisStateStore
 from tta_server.state.write_policy import WriteMode, WritePolicy
 
 
