@@ -153,7 +153,7 @@ def build_services(settings: Settings) -> Services:
     """Everything the app shares, built from the settings (no torch work yet)."""
     metrics = Metrics()
     hub = ModelHub.from_settings(settings)
-    store = open_store(settings, metrics, hub.device)
+    store = open_store(settings.store_options(), metrics, hub.device)
     drift = DriftTracker(sample_every=settings.drift_sample_every)
     observers = Observers([MetricsObserver(metrics), DriftObserver(drift, metrics)], metrics)
     worker = ModelWorker(hub, store, observers)
