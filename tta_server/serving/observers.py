@@ -63,6 +63,8 @@ class Observers:
     def __init__(self, observers: Sequence[StepObserver], metrics: Metrics) -> None:
         self.observers = list(observers)
         self.metrics = metrics
+        for observer in self.observers:  # every observer's error series exists from the start, at 0
+            metrics.observer_errors.labels(observer.name)
 
     def notify(self, event: StepEvent) -> None:
         for observer in self.observers:
