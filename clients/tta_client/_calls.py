@@ -22,6 +22,7 @@ from tta_client.types import (
     MethodList,
     ModelInfo,
     ModelList,
+    ParametersExport,
     PredictResult,
     Readiness,
     ResetResult,
@@ -165,6 +166,14 @@ def export_state(stream_id: str) -> Call[StateExport]:
         return StateExport(stream_id=stream_id, data=response.content, version=version)
 
     return Call("GET", _stream_path(stream_id, "/state"), parse)
+
+
+def parameters(stream_id: str) -> Call[ParametersExport]:
+    def parse(response: httpx.Response) -> ParametersExport:
+        version = int(response.headers.get("x-parameters-version", "0"))
+        return ParametersExport(stream_id=stream_id, data=response.content, version=version)
+
+    return Call("GET", _stream_path(stream_id, "/parameters"), parse)
 
 
 def import_state(stream_id: str, data: bytes) -> Call[StateImported]:

@@ -22,6 +22,7 @@ from tta_client.types import (
     Drift,
     MethodInfo,
     ModelInfo,
+    ParametersExport,
     PredictResult,
     Readiness,
     ResetResult,
@@ -165,6 +166,10 @@ class AsyncTTAClient:
 
     async def export_state(self, stream_id: str) -> StateExport:
         return await self.send(_calls.export_state(stream_id))
+
+    async def parameters(self, stream_id: str) -> ParametersExport:
+        """The stream's adapted parameters as safetensors bytes under the model's own names, for an edge device."""
+        return await self.send(_calls.parameters(stream_id))
 
     async def import_state(self, stream_id: str, data: bytes | StateExport) -> StateImported:
         blob = data.data if isinstance(data, StateExport) else data

@@ -26,6 +26,7 @@ from tta_client.types import (
     Drift,
     MethodInfo,
     ModelInfo,
+    ParametersExport,
     PredictResult,
     Readiness,
     ResetResult,
@@ -202,6 +203,10 @@ class TTAClient:
     def export_state(self, stream_id: str) -> StateExport:
         """The stream's adapted state as safetensors bytes (a backup)."""
         return self.send(_calls.export_state(stream_id))
+
+    def parameters(self, stream_id: str) -> ParametersExport:
+        """The stream's adapted parameters as safetensors bytes under the model's own names, for an edge device."""
+        return self.send(_calls.parameters(stream_id))
 
     def import_state(self, stream_id: str, data: bytes | StateExport) -> StateImported:
         """Restore a state onto a stream of the same model weights, method and config (else :class:`Invalid`)."""

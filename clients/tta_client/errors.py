@@ -36,7 +36,12 @@ import httpx
 
 
 class TTAClientError(Exception):
-    """Base of every client error: HTTP ``status`` (0 without an answer), API ``code``, ``message``, ``detail``."""
+    """Base of every client error: HTTP ``status`` (0 without an answer), API ``code``, ``message``, ``detail``.
+
+    ``request_id`` is the server's ``X-Request-ID`` for the failed request (the header, or the
+    error body's ``request_id``), or, without an answer, the ``X-Request-ID`` the request was
+    sent with; it is what to search the server's logs for, so ``str(error)`` shows it too.
+    """
 
     def __init__(
         self,
@@ -48,7 +53,8 @@ class TTAClientError(Exception):
         retry_after: float | None = None,
         request_id: str | None = None,
     ) -> None:
-        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
+        text = f"{status} {code}: {message}" if status else f"{code}: {message}"
+        super().__init__(f"{text} (request id {request_id})" if request_id else text)
         self.status = status
         self.code = code
         self.message = message
@@ -182,7 +188,8 @@ def error_from_response(response: httpx.Response) -> TTAClientError:
     try:
         body = response.json()["error"]
         code, message, detail = str(body["code"]), str(body["message"]), body.get("detail")
-    except (ValueError, KeyError, TypeError):
+        request_id = request_id or (str(body["request_id"]) if body.get("request_id") else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
         code, message, detail = "http_error", response.text[:500] or response.reason_phrase, None
     cls = BY_CODE.get(code) or BY_STATUS.get(status)
     if cls is None:
@@ -191,9 +198,22 @@ def error_from_response(response: httpx.Response) -> TTAClientError:
 
 
 def error_from_transport(exc: httpx.TransportError) -> TransportError:
-    """The exception for a request that got no HTTP answer."""
+    """The exception for a request that got no HTTP answer; the message and ``detail["url"]`` name the URL.
+
+    httpx's own messages ("[Errno 111] Connection refused") do not say where the client tried
+    to go, which is the first thing to check with a wrong base URL or port.
+    """
+    try:
+        request: httpx.Request | None = exc.request
+    except RuntimeError:  # raised by httpx when the error was not tied to a request
+        request = None
+    url = str(request.url) if request is not None else None
+    request_id = request.headers.get("x-request-id") if request is not None else None
+    where = f" {request.method} {url}" if request is not None else ""
+    detail = {"url": url} if url is not None else None
+    cause = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return ConnectFailed(0, "connect_failed", f"{type(exc).__name__}: {exc}")
+        return ConnectFailed(0, "connect_failed", f"cannot connect for{where}: {cause}", detail, request_id=request_id)
     if isinstance(exc, httpx.TimeoutException):
-        return ClientTimeout(0, "timeout", f"{type(exc).__name__}: {exc}")
-    return TransportError(0, "transport_error", f"{type(exc).__name__}: {exc}")
+        return ClientTimeout(0, "timeout", f"no answer in time to{where}: {cause}", detail, request_id=request_id)
+    return TransportError(0, "transport_error", f"no answer to{where}: {cause}", detail, request_id=request_id)

@@ -198,3 +198,18 @@ class StateExport:
     stream_id: str
     data: bytes
     version: int
+
+
+@dataclass(frozen=True)
+class ParametersExport:
+    """``GET /v1/streams/{id}/parameters``: the adapted parameters under the model's own names.
+
+    ``data`` is a safetensors file for an edge device running the same model:
+    ``model.load_state_dict(safetensors.torch.load(data), strict=False)`` applies it.
+    ``version`` is the stream state version they were taken from (``X-Parameters-Version``),
+    so a device can tell whether it already has them.
+    """
+
+    stream_id: str
+    data: bytes
+    version: int

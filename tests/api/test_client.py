@@ -325,3 +325,66 @@ def test_importing_the_client_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
     assert tta_client.__file__ is not None and "clients" in tta_client.__file__
+
+
+# --- parameters, URLs in transport errors, request ids, dependency ranges -----------------
+
+
+def test_parameters_returns_safetensors_and_their_version(api: TTAClient) -> None:
+    from safetensors.numpy import load
+
+    api.create_stream("resnet20", "tent", stream_id="edge")
+    api.predict("edge", random_images(8))
+    params = api.parameters("edge")
+    assert isinstance(params, tta_client.ParametersExport) and params.stream_id == "edge"
+    assert params.version == api.get_stream("edge").version >= 1
+    tensors = load(params.data)
+    assert tensors and all(name.endswith((".weight", ".bias")) for name in tensors)
+    with pytest.raises(NotFound):
+        api.parameters("nope")
+
+
+def test_connect_failures_name_the_url() -> None:
+    with (
+        TTAClient("http://127.0.0.1:9", retry=RetryPolicy.never(), timeout=5) as tta,
+        pytest.raises(ConnectFailed) as info,
+    ):
+        tta.get_stream("cam-7")
+    assert "http://127.0.0.1:9/v1/streams/cam-7" in str(info.value)
+    assert info.value.detail == {"url": "http://127.0.0.1:9/v1/streams/cam-7"}
+
+
+def test_timeouts_name_the_url_and_the_request_id_sent() -> None:
+    http, _ = scripted([httpx.ReadTimeout("slow")])
+    tta = TTAClient(http=http, headers={"x-request-id": "req-42"}, retry=RetryPolicy.never())
+    with pytest.raises(ClientTimeout) as info:
+        tta.get_stream("s")
+    assert "GET http://tta.test/v1/streams/s" in info.value.message and info.value.request_id == "req-42"
+
+
+def test_request_id_of_the_answer_is_in_the_exception() -> None:
+    http, _ = scripted([error(404, "not_found", headers={"x-request-id": "abc123"})])
+    with pytest.raises(NotFound) as info:
+        TTAClient(http=http, retry=RetryPolicy.never()).get_stream("s")
+    assert info.value.request_id == "abc123" and "(request id abc123)" in str(info.value)
+    body = {"error": {"code": "conflict", "message": "taken", "detail": None, "request_id": "from-body"}}
+    http, _ = scripted([httpx.Response(409, json=body)])
+    with pytest.raises(Conflict) as conflict:
+        TTAClient(http=http, retry=RetryPolicy.never()).get_stream("s")
+    assert conflict.value.request_id == "from-body"
+    http, _ = scripted([error(422, "validation_error")])
+    with pytest.raises(Invalid) as plain:
+        TTAClient(http=http, retry=RetryPolicy.never()).get_stream("s")
+    assert plain.value.request_id is None and "request id" not in str(plain.value)
+
+
+def test_client_dependencies_are_ranges_not_pins() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "clients" / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    assert requirements
+    for requirement in requirements:
+        assert "==" not in requirement and ">=" in requirement and "<" in requirement, requirement

@@ -11,7 +11,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from tests.api.helpers import encode, random_images
-from tta_client import AsyncTTAClient, Conflict, Invalid, NotFound, QueueFull, RetryPolicy, Unauthorized
+from tta_client import AsyncTTAClient, Conflict, ConnectFailed, Invalid, NotFound, QueueFull, RetryPolicy, Unauthorized
 from tta_server.app import create_app
 from tta_server.settings import Settings
 
@@ -51,6 +51,8 @@ def test_async_client_covers_the_api(settings: Settings) -> None:
             page = await api.list_streams(limit=1)
             assert page.total == 2 and len(page.streams) == 1
             assert [s.stream_id async for s in api.iter_streams(page_size=1)] == ["a", "b"]
+            params = await api.parameters("a")
+            assert params.stream_id == "a" and params.version == (await api.get_stream("a")).version
             backup = await api.export_state("a")
             assert (await api.import_state("b", backup)).step == (await api.get_stream("a")).steps
             assert (await api.drift("a")).lifetime_images == 13
@@ -101,5 +103,15 @@ def test_async_retries_honour_retry_after() -> None:
                 await api.metrics()
             assert info.value.retry_after == 1.0
         await http.aclose()
+
+    run(scenario)
+
+
+def test_async_connect_failures_name_the_url() -> None:
+    async def scenario() -> None:
+        async with AsyncTTAClient("http://127.0.0.1:9", retry=RetryPolicy.never(), timeout=5) as api:
+            with pytest.raises(ConnectFailed) as info:
+                await api.models()
+        assert "http://127.0.0.1:9/v1/models" in str(info.value)
 
     run(scenario)
