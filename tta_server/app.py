@@ -152,7 +152,7 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
 def build_services(settings: Settings) -> Services:
     """Everything the app shares, built from the settings (no torch work yet)."""
     metrics = Metrics()
-    hub = ModelHub.from_settings(settings)
+    hub = ModelHub.open(settings.models_dir, settings.model_config_file, settings.device)
     store = open_store(settings.store_options(), metrics, hub.device)
     drift = DriftTracker(sample_every=settings.drift_sample_every)
     observers = Observers([MetricsObserver(metrics), DriftObserver(drift, metrics)], metrics)

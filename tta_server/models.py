@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
-import torch
-
-from tta_server.settings import DeviceChoice, Settings
+from tta_server.devices import DeviceChoice, resolve_device
 from tta_server.zoo.catalogue import Catalogue, LoadedModel, build_catalogue
 
 log = logging.getLogger(__name__)
-
-
-class DeviceError(ValueError):
-    """A device that this machine does not have, or a name that is not a device choice."""
-
-
-def resolve_device(choice: DeviceChoice | str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error.
-
-    The one place that turns a device choice into a torch device, for the server and ``eval`` alike.
-    """
-    try:
-        choice = DeviceChoice(choice)
-    except ValueError:
-        raise DeviceError(f"unknown device {choice!r}; choose auto, cpu or cuda") from None
-    if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was requested but no CUDA device is available")
-    if choice is DeviceChoice.AUTO:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice.value
 
 
 class ModelHub:
@@ -43,9 +22,9 @@ class ModelHub:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ModelHub:
-        catalogue = build_catalogue(settings.models_dir, settings.model_config_file)
-        return cls(catalogue, resolve_device(settings.device))
+    def open(cls, models_dir: Path, model_config_file: Path | None, device: DeviceChoice | str) -> ModelHub:
+        """The catalogue of ``models_dir`` (plus bring-your-own entries) on the resolved device."""
+        return cls(build_catalogue(models_dir, model_config_file), resolve_device(device))
 
     def get(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on first use."""

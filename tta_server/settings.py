@@ -5,23 +5,15 @@ Nothing reads the environment anywhere else; the object is passed down explicitl
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tta_server.devices import DeviceChoice
 from tta_server.state.factory import StoreOptions
 from tta_server.state.write_policy import WriteMode
-
-
-class DeviceChoice(StrEnum):
-    """Where models run: ``auto`` picks CUDA when available, else CPU."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 class Settings(BaseSettings):

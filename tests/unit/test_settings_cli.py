@@ -7,7 +7,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from tta_server.cli import app
-from tta_server.settings import DeviceChoice, Settings
+from tta_server.devices import DeviceChoice
+from tta_server.settings import Settings
 
 runner = CliRunner()
 
@@ -78,3 +79,62 @@ def test_train_command_rejects_invalid_options(tiny_npz: Path, tmp_path: Path) -
     assert result.exit_code == 2
     assert "swa_epochs (3) cannot exceed epochs (2)" in result.output
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+# --- serve: one flag per setting, help with defaults and variable names -------------------
+
+
+def serve_help() -> str:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "300", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_serve_help_names_every_settings_flag_default_and_variable() -> None:
+    from tta_server.cli import ENV_ONLY, FLAG_NAMES
+
+    text = serve_help()
+    for name in Settings.model_fields:
+        env = f"TTA_{name.upper()}"
+        if name in ENV_ONLY:
+            assert env not in text, name
+            continue
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        assert f"{flag} " in text and f"Env: {env}" in text, name
+    for shown in ("Default: 127.0.0.1", "Default: 8000", "Default: memory://", 'Default: ["resnet20"]'):
+        assert shown in text, shown
+    assert "redis://[user:password@]host:port/db" in text  # brackets survive the rich markup
+
+
+def test_env_only_settings_are_named_in_the_readme() -> None:
+    from tta_server.cli import ENV_ONLY
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in ENV_ONLY:
+        assert f"`TTA_{name.upper()}`" in readme and "environment only" in readme, name
+
+
+def test_serve_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    import tta_server.app
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(tta_server.app, "create_app", lambda s: seen.append(s) or object())
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setenv("TTA_MAX_QUEUE", "9")
+    monkeypatch.setenv("TTA_DRIFT_SAMPLE_EVERY", "3")
+    args = ["serve", "--max-queue", "7", "--preload-models", '["resnet56"]', "--redis-write-policy", "write-behind"]
+    args += ["--log-level", "DEBUG", "--memory-ttl-s", "60", "--store", "redis://localhost:6379/0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (s,) = seen
+    assert s.max_queue == 7 and s.drift_sample_every == 3  # the flag wins, the variable fills the rest
+    assert s.preload_models == ["resnet56"] and s.redis_write_policy.value == "write-behind"
+    assert s.log_level == "debug" and s.memory_ttl_s == 60 and s.store_url.startswith("redis://")
+
+
+def test_serve_rejects_json_flags_that_are_not_json() -> None:
+    result = runner.invoke(app, ["serve", "--preload-models", "resnet20,resnet56"])
+    assert result.exit_code == 2
+    assert "invalid setting preload_models (--preload-models)" in result.output

@@ -50,26 +50,30 @@ class RichProgress:
 
 
 class LogProgress:
-    """Plain log lines when output is not a terminal (CI logs, files): each new domain and every 10%."""
+    """Plain log lines when output is not a terminal (CI logs, files): one line per corruption.
+
+    A log is read after the fact, so it gets one line when each domain (corruption) starts,
+    with how far the stream is, and nothing per batch or per percentage: those repeat what the
+    domain lines already say. A domain that shows up again (a stream that interleaves domains)
+    is not announced twice.
+    """
 
     def __init__(self) -> None:
         self.total = 0
         self.done = 0
-        self.next_mark = 0.1
-        self.current = ""
+        self.seen: set[str] = set()
 
     def start(self, total_images: int, description: str) -> None:
         self.total = max(total_images, 1)
-        logger.info("stream of %d images, starting with %s", total_images, description)
+        logger.info("stream of %d images", total_images)
 
     def advance(self, images: int, description: str) -> None:
+        started_at = self.done
         self.done += images
-        if description != self.current:
-            self.current = description
-            logger.info("%s (%d/%d images)", description, self.done, self.total)
-        while self.done / self.total >= self.next_mark - 1e-9:
-            logger.info("%3.0f%% (%d/%d images)", 100 * self.next_mark, self.done, self.total)
-            self.next_mark += 0.1
+        if description not in self.seen:
+            self.seen.add(description)
+            percent = 100 * started_at / self.total
+            logger.info("%s (from image %d of %d, %.0f%% done)", description, started_at + 1, self.total, percent)
 
     def note(self, message: str) -> None:
         logger.info("%s", message)
@@ -140,9 +144,9 @@ def eval_command(
     # Imported here so that `tta-server --help` and `serve` do not load SciPy and the harness.
     from adapters.errors import AdapterError
     from tta_server.data.datasets import DatasetError
+    from tta_server.devices import DeviceError, resolve_device
     from tta_server.evaluation.harness import EvalError, EvalSpec, run_eval
     from tta_server.evaluation.results import run_markdown, write_result
-    from tta_server.models import DeviceError, resolve_device
     from tta_server.shift.domains import CorruptionError
     from tta_server.shift.streams import StreamError
     from tta_server.zoo.catalogue import CatalogueError
