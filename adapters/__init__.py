@@ -5,12 +5,13 @@ contract and :mod:`adapters.registry` for lookup by name.
 """
 
 from adapters import adab2n, alpha_bn, bn, cema, sar, source, tent, unmix_tns  # registers the built-in methods
-from adapters.base import Adapter, MethodConfig, StateMeta, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StateMeta, StepInfo, StepResult, StreamState
 from adapters.registry import create_adapter, method_class, method_names, register
 
 __all__ = [
     "Adapter",
     "MethodConfig",
+    "Segment",
     "StateMeta",
     "StepInfo",
     "StepResult",

@@ -26,11 +26,14 @@ in one pass) or, for strict causality, the statistics before this batch (``"curr
   and is not implemented. κ and m have no published TTA defaults; κ = 0.4 (η* ≈ 0.041) is the
   middle of the paper's grid.
 - ``adapt=False``: the same prediction, statistics, η and t unchanged.
+- ``step_many``: one forward over every segment's images; each BN layer holds every segment's
+  running statistics stacked (S, C) and its own η, and updates each from that segment's batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -38,8 +41,9 @@ from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import (
+    Tensors,
     bn_statistics,
     cloned,
     drift_extra,
@@ -53,6 +57,7 @@ from adapters.functional import (
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped, row, segment_names, stacked
 
 STATS = "stats/"
 ETA = "eta"
@@ -111,6 +116,8 @@ class AdaB2NBatchNorm(StreamBatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         hyper = self.adab2n_hyper
+        if self.segment_index is not None and hyper is not None:
+            return self.segmented_forward(input, hyper)
         if hyper is None or input.numel() // input.shape[1] < 2:
             return self.source_forward(input)
         run_mean, run_var = self.source_stats()
@@ -124,6 +131,22 @@ class AdaB2NBatchNorm(StreamBatchNorm):
             run_mean.copy_(new_mean)
             run_var.copy_(new_var)
         return self.normalize(input, mean, var)
+
+    def segmented_forward(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Every segment's statistics move by its own η; a segment with one value per channel keeps them."""
+        run_mean, run_var = self.reference_stats(len(hyper))
+        with torch.no_grad():
+            var_b, mean_b, count = self.segment_batch_stats(x)
+            eta, use_updated = hyper[:, :1], hyper[:, 1:]
+            new_mean = run_mean + eta * (mean_b - run_mean)
+            new_var = (1 - eta) * run_var + eta * var_b
+            new_mean, new_var = self.where_small(count, (run_mean, run_var), (new_mean, new_var))
+            mean = use_updated * new_mean + (1 - use_updated) * run_mean
+            var = use_updated * new_var + (1 - use_updated) * run_var
+            if self.segment_mean is not None and self.segment_var is not None:
+                self.segment_mean.copy_(new_mean)
+                self.segment_var.copy_(new_var)
+        return self.normalize_segments(x, mean, var)
 
 
 class AdaB2NConfig(MethodConfig):
@@ -173,21 +196,50 @@ class AdaB2N(Adapter[AdaB2NConfig]):
 
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
-        cfg = self.config
         tensors = on_device(state.tensors, x.device)
         stats = cloned(unprefixed(STATS, tensors))  # the layers update these in place
-        eta = float(tensors[ETA])
-        hyper = torch.tensor(
-            [batch_eta(eta, len(x), cfg.batch_size_ref), float(cfg.normalize == "updated")], device=x.device
-        )
+        hyper = self._hyper(tensors, len(x), x.device)
         call = {**stats, **per_layer(prepared_layers(model, AdaB2NBatchNorm), HYPER, hyper)}
         logits = forward(model, call, x)
-        extra = {**drift_extra(logits), "eta": float(hyper[0])}
-        info = StepInfo(adapted=adapt, samples=len(x), samples_used=len(x) if adapt else 0, extra=extra)
+        return self._result(logits, state, tensors, stats, float(hyper[0]), adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One forward over all segments, each with its own running statistics and η."""
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    @torch.no_grad()
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        device = batch.x.device
+        tensors = [on_device(seg.state.tensors, device) for seg in segments]
+        stats = stacked([unprefixed(STATS, t) for t in tensors])  # fresh tensors: the layers update them
+        hyper = torch.stack([self._hyper(t, len(seg.x), device) for t, seg in zip(tensors, segments, strict=True)])
+        names = prepared_layers(model, AdaB2NBatchNorm)
+        call = {**segment_names(stats), **per_layer(names, HYPER, hyper), **batch.per_layer(names)}
+        logits = batch.split(forward(model, call, batch.x))
+        return [
+            self._result(out, seg.state, t, row(stats, i), float(hyper[i, 0]), seg.adapt)
+            for i, (out, seg, t) in enumerate(zip(logits, segments, tensors, strict=True))
+        ]
+
+    def _hyper(self, tensors: Tensors, batch: int, device: torch.device) -> torch.Tensor:
+        """[η for this batch size, normalize-with-updated flag]: the layers' per-call hyperparameters."""
+        eta = batch_eta(float(tensors[ETA]), batch, self.config.batch_size_ref)
+        return torch.tensor([eta, float(self.config.normalize == "updated")], device=device)
+
+    def _result(
+        self, logits: torch.Tensor, state: StreamState, tensors: Tensors, stats: Tensors, eta: float, adapt: bool
+    ) -> StepResult:
+        """The step's result from its logits and the statistics the layers updated."""
+        cfg = self.config
+        samples = len(logits)
+        extra = {**drift_extra(logits), "eta": eta}
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=extra)
         if not adapt:
             return StepResult(logits, state, info)
         new = prefixed(STATS, stats)
-        new[ETA] = torch.tensor(eta_next(eta, cfg.momentum, cfg.kappa), dtype=torch.float64, device=x.device)
+        old_eta = float(tensors[ETA])
+        new[ETA] = torch.tensor(eta_next(old_eta, cfg.momentum, cfg.kappa), dtype=torch.float64, device=logits.device)
         new[COUNT] = tensors[COUNT] + 1
         return StepResult(logits, StreamState(new, state.meta).with_meta(step=state.meta.step + 1), info)
 

@@ -18,22 +18,27 @@ then applies the source affine. Training-free and stateless: only the current ba
 - Variance: ``unbiased_var`` (default True) uses the unbiased batch variance, as the
   benchmark library's momentum-1 BN does; the paper's choice is unverified (tta-methods.md §1).
 - ``prepare`` returns a copy with BN layers swapped for :class:`AlphaBatchNorm`.
+- ``step_many``: one forward over every segment's images; each BN layer mixes the source with
+  each segment's own batch statistics (variance correction and the B = 1 fallback per segment).
 - Deviations: none known; "Core" (the paper's class-correlation loss) is not implemented because
   its loss could not be verified.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import drift_extra, forward, model_device, per_layer, var_mean
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped
 
 
 def mix_statistics(
@@ -66,6 +71,8 @@ class AlphaBatchNorm(StreamBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        if self.segment_index is not None and self.source_weight is not None:
+            return self.segmented_forward(input, self.source_weight)
         per_channel = input.numel() // input.shape[1]
         if self.source_weight is None or per_channel < 2:
             return self.source_forward(input)
@@ -75,6 +82,18 @@ class AlphaBatchNorm(StreamBatchNorm):
             var = var * (1 + self.unbiased * (per_channel / (per_channel - 1) - 1))
         mean, var = mix_statistics(source_mean, source_var, mean, var, self.source_weight)
         return self.normalize(input, mean, var)
+
+    def segmented_forward(self, x: torch.Tensor, source_weight: torch.Tensor) -> torch.Tensor:
+        """The mix per segment: each segment's own batch statistics, the source where it has one value per channel."""
+        source_mean, source_var = self.source_stats()
+        var, mean, count = self.segment_batch_stats(x)
+        if self.unbiased is not None:
+            factor = count / (count - 1).clamp_min(1.0)
+            var = var * (1 + self.unbiased * (factor - 1))[:, None]
+        mean, var = mix_statistics(source_mean, source_var, mean, var, source_weight)
+        segments = len(count)
+        mean, var = self.where_small(count, self.reference_stats(segments), (mean, var))
+        return self.normalize_segments(x, mean, var)
 
 
 class AlphaBNConfig(MethodConfig):
@@ -108,12 +127,29 @@ class AlphaBN(Adapter[AlphaBNConfig]):
 
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
+        return self._result(forward(model, self._call(model), x), state, adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One forward over all segments, each mixing the source with its own batch statistics."""
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    @torch.no_grad()
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        call = {**self._call(model), **batch.per_layer(prepared_layers(model, AlphaBatchNorm))}
+        logits = batch.split(forward(model, call, batch.x))
+        return [self._result(out, seg.state, seg.adapt) for out, seg in zip(logits, segments, strict=True)]
+
+    def _call(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-call tensors: the source weight and the variance flag for every swapped layer."""
         device = model_device(model)
         names = prepared_layers(model, AlphaBatchNorm)
         weight = torch.tensor(self.config.source_weight, device=device)
         unbiased = torch.tensor(float(self.config.unbiased_var), device=device)
-        logits = forward(
-            model, {**per_layer(names, "source_weight", weight), **per_layer(names, "unbiased", unbiased)}, x
-        )
-        info = StepInfo(adapted=adapt, samples=len(x), samples_used=len(x) if adapt else 0, extra=drift_extra(logits))
+        return {**per_layer(names, "source_weight", weight), **per_layer(names, "unbiased", unbiased)}
+
+    @staticmethod
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
+        samples = len(logits)
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=drift_extra(logits))
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

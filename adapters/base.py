@@ -19,6 +19,14 @@ passes back in on the next request. The four verbs:
 ``reset(model, state)``
     Back to source: the same as ``init_state`` with the stream's seed, keeping step count
     and version so the store's versioning stays monotonic.
+``step_many(model, segments)``
+    Many streams' batches at once (one :class:`Segment` per stream: its images, its state, its
+    ``adapt`` flag); returns one :class:`StepResult` per segment, in order, each what ``step``
+    would return for that segment alone (the same prediction and next state up to float
+    rounding, the same metadata). Why: many streams that send one or two images each would
+    otherwise cost one forward pass per stream. The default runs ``step`` per segment, so every
+    method supports it; fused methods run one forward pass over the concatenated images with
+    per-segment statistics (:mod:`adapters.segments`).
 
 Unsupported (method, model) combinations are rejected by :meth:`Adapter.check_model`
 when a stream is configured, never at the first request.
@@ -51,7 +59,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -155,6 +163,19 @@ class StepResult:
     info: StepInfo
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One stream's part of a fused call to :meth:`Adapter.step_many`.
+
+    ``x`` holds that stream's preprocessed images (N_i, ...), ``state`` its current state and
+    ``adapt`` whether this batch may change it (False: a dry run, as ``step(..., adapt=False)``).
+    """
+
+    x: torch.Tensor
+    state: StreamState
+    adapt: bool = True
+
+
 class Adapter(ABC, Generic[ConfigT]):
     """One TTA method bound to a validated config. Subclasses set the class attributes."""
 
@@ -199,6 +220,14 @@ class Adapter(ABC, Generic[ConfigT]):
     @abstractmethod
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
         """Predict for ``x`` and, if ``adapt``, return the adapted next state."""
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One result per segment, each what ``step`` returns for that segment alone.
+
+        The default steps each segment in turn; methods whose layers can keep statistics per
+        segment override it with one fused forward pass (the results must not change).
+        """
+        return [self.step(model, seg.x, seg.state, adapt=seg.adapt) for seg in segments]
 
     def reset(self, model: nn.Module, state: StreamState) -> StreamState:
         """Back to source, keeping step and version counters."""

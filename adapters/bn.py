@@ -15,18 +15,23 @@ running statistics; no gradients, nothing carried between batches.
   variance, as train-mode BN); the shared model stays in eval mode and the switch to batch
   statistics is a per-call tensor, so streams never share a mode flag.
 - ``adapt=False`` returns the same prediction (the method has no state to update).
+- ``step_many``: one forward over every segment's images, each BN layer normalizing each
+  segment with that segment's own batch statistics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import drift_extra, forward, model_device, per_layer
 from adapters.layers import BatchStatsNorm, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped
 
 
 class BNConfig(MethodConfig):
@@ -53,7 +58,27 @@ class BNAdapt(Adapter[BNConfig]):
 
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
+        return self._result(forward(model, self._flags(model), x), state, adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One forward over all segments; every segment normalized with its own batch statistics."""
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    @torch.no_grad()
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        names = prepared_layers(model, BatchStatsNorm)
+        logits = batch.split(forward(model, {**self._flags(model), **batch.per_layer(names)}, batch.x))
+        return [self._result(out, seg.state, seg.adapt) for out, seg in zip(logits, segments, strict=True)]
+
+    @staticmethod
+    def _flags(model: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-call tensors that switch every swapped BN layer to batch statistics."""
         flag = torch.ones((), device=model_device(model))
-        logits = forward(model, per_layer(prepared_layers(model, BatchStatsNorm), "batch_stats", flag), x)
-        info = StepInfo(adapted=adapt, samples=len(x), samples_used=len(x) if adapt else 0, extra=drift_extra(logits))
+        return per_layer(prepared_layers(model, BatchStatsNorm), "batch_stats", flag)
+
+    @staticmethod
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
+        samples = len(logits)
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=drift_extra(logits))
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

@@ -51,12 +51,17 @@ Contract details:
   at C = 1000, 0.5 at C = 10 (the CIFAR-10 benchmarks set 0.4 explicitly). A number fixes
   it; None switches the redundancy filter off.
 - ``adapt=False``: the edge forward only; nothing is filtered, uploaded or adapted.
+- ``step_many``: the edge forward (the prediction) is one fused pass over every segment, with
+  each stream's edge affine and BN statistics stacked (S, C) and gathered per sample. The
+  filtering, the uploads and the cloud part (teacher adaptation, distillation, replay) run per
+  stream after it, exactly as in ``step``: they depend on each stream's pending and replay
+  buffers, and the teacher passes run over buffered images, not over the request batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import torch
@@ -66,7 +71,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters import replay
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.errors import AuxiliaryModelError
 from adapters.functional import (
     Tensors,
@@ -88,9 +93,18 @@ from adapters.functional import (
     var_mean,
     zeros_like_all,
 )
-from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
+from adapters.layers import (
+    StreamBatchNorm,
+    check_source_statistics,
+    prepared_layers,
+    segment_affine_ready,
+    segment_layers,
+    swap_affine_norms,
+    swap_batchnorms,
+)
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped, segment_names, stacked
 
 TEACHER_ROLE = "teacher"
 EDGE = "edge/"
@@ -113,6 +127,8 @@ class TBRBatchNorm(StreamBatchNorm):
     Per-call tensors: the stream's ``running_mean``/``running_var`` (substituted for the source
     ones; updated in place in TBR mode, so the caller passes clones) and ``tbr_momentum``
     (scalar; present -> TBR training forward, absent -> eval with the running statistics).
+    A fused call is eval only: each segment's running statistics come stacked as
+    ``segment_mean``/``segment_var`` (S, C).
     """
 
     tbr_momentum: torch.Tensor | None
@@ -123,6 +139,10 @@ class TBRBatchNorm(StreamBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        if self.segment_index is not None:
+            if self.tbr_momentum is not None:
+                raise NotImplementedError("TBR training forwards run per stream, not fused")
+            return self.normalize_segments(input, *self.reference_stats(len(self.layout()[1])))
         if self.tbr_momentum is None or input.numel() // input.shape[1] < 2:
             return self.source_forward(input)
         run_mean, run_var = self.source_stats()
@@ -286,8 +306,8 @@ class CEMA(Adapter[CEMAConfig]):
             raise AuxiliaryModelError(f"method 'cema' needs its teacher '{self.config.teacher}' bound first")
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """A copy with BN layers swapped for :class:`TBRBatchNorm` (input model untouched)."""
-        return swap_batchnorms(model, TBRBatchNorm)
+        """A copy with BN layers swapped for :class:`TBRBatchNorm`, GN/LN for segment-aware twins."""
+        return swap_affine_norms(swap_batchnorms(model, TBRBatchNorm))
 
     def teacher_model(self, model: nn.Module) -> nn.Module:
         """The bound teacher, or the edge model itself when no teacher is configured."""
@@ -460,12 +480,35 @@ class CEMA(Adapter[CEMAConfig]):
 
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
         tensors = on_device(state.tensors, x.device)
-        samples = len(x)
-
         # 1. edge forward (request path): the prediction
         affine, stats = self._tensors_of(tensors, EDGE)
         with torch.no_grad():
             logits = forward(model, {**stats, **affine}, x)
+        return self._after_edge(model, x, state, tensors, logits, adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """The edge forwards of all segments fused into one pass; selection and cloud per stream."""
+        if not segments or not segment_affine_ready(model, unprefixed(EDGE + AFFINE, segments[0].state.tensors)):
+            return super().step_many(model, segments)
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        tensors = [on_device(seg.state.tensors, batch.x.device) for seg in segments]
+        edge = stacked([{**unprefixed(EDGE + AFFINE, t), **unprefixed(EDGE + STATS, t)} for t in tensors])
+        call = {**segment_names(edge), **batch.per_layer(segment_layers(model))}
+        with torch.no_grad():
+            logits = batch.split(forward(model, call, batch.x))
+        return [
+            self._after_edge(model, seg.x, seg.state, t, out, seg.adapt)
+            for seg, t, out in zip(segments, tensors, logits, strict=True)
+        ]
+
+    def _after_edge(
+        self, model: nn.Module, x: torch.Tensor, state: StreamState, tensors: Tensors, logits: torch.Tensor, adapt: bool
+    ) -> StepResult:
+        """Everything after the edge forward: selection, uploads, cloud, and the result."""
+        samples = len(x)
         extra = drift_extra(logits)
         if not adapt:
             return StepResult(logits, state, StepInfo(False, samples, 0, extra=extra))

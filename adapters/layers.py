@@ -18,12 +18,19 @@ between streams and changes the shared model. Instead ``prepare`` installs, once
 Replacements subclass ``_BatchNorm`` and accept BN1d/2d/3d inputs: statistics are reduced over
 every dimension except the channel (dim 1). Instance statistics reduce over the spatial
 dimensions only; a BN1d input (N, C) has none, so methods fall back to source statistics there.
+
+Fused multi-stream calls (:mod:`adapters.segments`): every replacement also reads the per-call
+``segment_index``/``segment_sizes`` layout and, when given, per-segment affine parameters and
+reference statistics; batch statistics are then reduced per segment and gathered per sample, so
+one pass over several streams' images normalizes each stream as its own call would. GN and LN
+layers are per-sample already; gradient methods swap them for :class:`StreamGroupNorm` /
+:class:`StreamLayerNorm` (same type family, same tensors) only to apply a per-segment affine.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
@@ -32,14 +39,22 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.errors import UnsupportedModelError
-from adapters.functional import var_mean
-from adapters.norms import NormKind, norm_layers
+from adapters.functional import modules_of_type, var_mean
+from adapters.norms import ChannelLayerNorm, NormKind, norm_layers
+from adapters.segments import SEGMENT_BUFFERS, segment_moments
 
 L = TypeVar("L", bound="StreamBatchNorm")
 
 
 class StreamBatchNorm(_BatchNorm):
     """Base of the replacement layers: the source layer's tensors plus helpers for statistics."""
+
+    segment_index: torch.Tensor | None
+    segment_sizes: torch.Tensor | None
+    segment_weight: torch.Tensor | None
+    segment_bias: torch.Tensor | None
+    segment_mean: torch.Tensor | None
+    segment_var: torch.Tensor | None
 
     def __init__(self, source: _BatchNorm) -> None:
         super().__init__(
@@ -58,6 +73,8 @@ class StreamBatchNorm(_BatchNorm):
         self.train(source.training)
         self.replaces_1d: bool = isinstance(source, nn.BatchNorm1d)
         """Whether the source was a BatchNorm1d (inputs without spatial dims: no instance statistics)."""
+        for name in SEGMENT_BUFFERS:
+            self.register_buffer(name, None)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -115,6 +132,63 @@ class StreamBatchNorm(_BatchNorm):
         view = [*mean.shape, *([1] * (x.dim() - 2))]
         return torch.addcmul(shift.reshape(view), x, scale.reshape(view))
 
+    # -- fused multi-stream calls -------------------------------------------------------------
+
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(segment index per sample, samples per segment) of a fused call."""
+        if self.segment_index is None or self.segment_sizes is None:
+            raise RuntimeError("a fused call needs both segment_index and segment_sizes")
+        return self.segment_index, self.segment_sizes
+
+    def segment_batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(biased var, mean) per segment and channel (S, C), and the values per channel (S,)."""
+        index, sizes = self.layout()
+        return segment_moments(x, index, sizes)
+
+    def reference_stats(self, segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each segment's own reference statistics (S, C) when given, else the source ones broadcast."""
+        if self.segment_mean is not None and self.segment_var is not None:
+            return self.segment_mean, self.segment_var
+        mean, var = self.source_stats()
+        return mean.expand(segments, -1), var.expand(segments, -1)
+
+    @staticmethod
+    def where_small(
+        count: torch.Tensor, fallback: tuple[torch.Tensor, torch.Tensor], stats: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fallback`` for segments with fewer than two values per channel (a lone call uses the source there)."""
+        small = (count < 2)[:, None]
+        return torch.where(small, fallback[0], stats[0]), torch.where(small, fallback[1], stats[1])
+
+    def sample_affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Weight and bias per sample (N, C) from the segments' own affine, else the layer's (C,)."""
+        index, _ = self.layout()
+        weight = self.segment_weight[index] if self.segment_weight is not None else self.weight
+        bias = self.segment_bias[index] if self.segment_bias is not None else self.bias
+        return weight, bias
+
+    def normalize_samples(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Normalize with per-sample statistics (N, C) and the per-sample affine; differentiable.
+
+        ``x·scale + shift`` in one ``addcmul``: the same arithmetic as the no-grad path of
+        :meth:`normalize`, valid with or without gradients.
+        """
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        weight, bias = self.sample_affine()
+        scale = torch.rsqrt(var + self.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        view = [*mean.shape, *([1] * (x.dim() - 2))]
+        return torch.addcmul(shift.reshape(view), x, scale.reshape(view))
+
+    def normalize_segments(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Normalize every sample with its segment's statistics (S, C), gathered per sample."""
+        index, _ = self.layout()
+        return self.normalize_samples(x, mean[index], var[index])
+
     def source_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(running_mean, running_var); raises when the source layer tracks no statistics."""
         if self.running_mean is None or self.running_var is None:
@@ -138,12 +212,141 @@ class BatchStatsNorm(StreamBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        if self.segment_index is not None:
+            return self.segmented_forward(input)
         if self.batch_stats is None or input.numel() // input.shape[1] < 2:
             return self.source_forward(input)
         if not torch.is_grad_enabled():  # same statistics, computed faster than train-mode batch_norm on CPU
             var, mean = var_mean(input, self.batch_dims(input))
             return self._fused_normalize(input, mean, var)
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def segmented_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each segment with its own batch statistics (source where it has fewer than two values per channel)."""
+        segments = len(self.layout()[1])
+        if self.batch_stats is None:
+            return self.normalize_segments(x, *self.reference_stats(segments))
+        var, mean, count = self.segment_batch_stats(x)
+        if self.running_mean is not None and self.running_var is not None:
+            mean, var = self.where_small(count, self.reference_stats(segments), (mean, var))
+        return self.normalize_segments(x, mean, var)
+
+
+class _SegmentAffine:
+    """Per-call tensors of a GN/LN replacement: the layout and the segments' own affine (S, *shape)."""
+
+    segment_index: torch.Tensor | None
+    segment_weight: torch.Tensor | None
+    segment_bias: torch.Tensor | None
+
+    def _register_segment_buffers(self, module: nn.Module) -> None:
+        for name in ("segment_index", "segment_sizes", "segment_weight", "segment_bias"):
+            module.register_buffer(name, None)
+
+    def _segment_affine(self, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """y·w + b over dim 1, with each sample's segment affine where given (the shared one otherwise)."""
+        index = self.segment_index
+        if index is None:
+            raise RuntimeError("a per-segment affine needs segment_index")
+        spatial = [1] * (y.dim() - 2)
+        if self.segment_weight is not None:
+            y = y * self.segment_weight[index].reshape(y.shape[0], -1, *spatial)
+        elif weight is not None:
+            y = y * weight.reshape(1, -1, *spatial)
+        if self.segment_bias is not None:
+            y = y + self.segment_bias[index].reshape(y.shape[0], -1, *spatial)
+        elif bias is not None:
+            y = y + bias.reshape(1, -1, *spatial)
+        return y
+
+
+class StreamGroupNorm(_SegmentAffine, nn.GroupNorm):
+    """GroupNorm that can apply a per-segment affine; otherwise exactly the source layer."""
+
+    def __init__(self, source: nn.GroupNorm) -> None:
+        nn.GroupNorm.__init__(self, source.num_groups, source.num_channels, source.eps, source.affine)
+        self.weight = source.weight
+        self.bias = source.bias
+        self._register_segment_buffers(self)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.segment_weight is None and self.segment_bias is None:
+            return super().forward(input)
+        y = F.group_norm(input, self.num_groups, None, None, self.eps)
+        return self._segment_affine(y, self.weight, self.bias)
+
+
+class StreamChannelLayerNorm(StreamGroupNorm, ChannelLayerNorm):
+    """:class:`ChannelLayerNorm` (still an LN by type) that can apply a per-segment affine."""
+
+
+class StreamLayerNorm(_SegmentAffine, nn.LayerNorm):
+    """LayerNorm that can apply a per-segment affine over its normalized shape; otherwise the source layer."""
+
+    def __init__(self, source: nn.LayerNorm) -> None:
+        nn.LayerNorm.__init__(self, source.normalized_shape, source.eps, source.elementwise_affine)
+        self.weight = source.weight
+        self.bias = source.bias
+        self._register_segment_buffers(self)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.segment_weight is None and self.segment_bias is None:
+            return super().forward(input)
+        index = self.segment_index
+        if index is None:
+            raise RuntimeError("a per-segment affine needs segment_index")
+        y = F.layer_norm(input, self.normalized_shape, None, None, self.eps)
+        sample_shape = (input.shape[0], *([1] * (input.dim() - len(self.normalized_shape) - 1)), *self.normalized_shape)
+        weight = self.segment_weight[index].reshape(sample_shape) if self.segment_weight is not None else self.weight
+        bias = self.segment_bias[index].reshape(sample_shape) if self.segment_bias is not None else self.bias
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
+
+
+def _affine_twin(module: nn.Module) -> nn.Module | None:
+    """The segment-aware replacement of a plain GN/LN layer (exact types only), else None."""
+    if type(module) is nn.GroupNorm:
+        return StreamGroupNorm(module)
+    if type(module) is ChannelLayerNorm:
+        return StreamChannelLayerNorm(module)
+    if type(module) is nn.LayerNorm:
+        return StreamLayerNorm(module)
+    return None
+
+
+SEGMENT_AWARE = (StreamBatchNorm, StreamGroupNorm, StreamLayerNorm)
+
+
+def swap_affine_norms(model: nn.Module) -> nn.Module:
+    """Swap, in place, every plain GroupNorm/ChannelLayerNorm/LayerNorm for its segment-aware twin.
+
+    Only those exact types: a subclass may compute something else, so it stays, and a fused step
+    over a model whose adapted affine sits in such a layer falls back to one step per stream
+    (:func:`segment_affine_ready`). Called by ``prepare`` on its own copy of the model.
+    """
+    for name, module in list(norm_layers(model, frozenset({NormKind.GN, NormKind.LN}))):
+        replacement = _affine_twin(module)
+        if replacement is None:
+            continue
+        replacement.train(module.training)
+        if not name:
+            return replacement
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
+    return model
+
+
+def segment_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that understand a fused call's layout tensors."""
+    return modules_of_type(model, SEGMENT_AWARE)
+
+
+def segment_affine_ready(model: nn.Module, keys: Iterable[str]) -> bool:
+    """Whether every layer owning one of ``keys`` (``layer.weight``...) can take a per-segment affine."""
+    aware = set(segment_layers(model))
+    return all(key.rpartition(".")[0] in aware for key in keys)
 
 
 def swap_batchnorms(model: nn.Module, factory: Callable[[_BatchNorm], nn.Module]) -> nn.Module:

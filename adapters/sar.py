@@ -29,18 +29,26 @@ when it falls below e_m (entropy collapse).
 - ``StepInfo.adapted`` is False when a filter left no sample (the step changed nothing but the
   step counter).
 - ``adapt=False``: one forward, same prediction, no backward, state unchanged.
+- ``step_many``: both passes fused. Pass 1 is one forward over every segment (dry runs
+  included) with each segment's affine stacked (S, C) and gathered per sample, and one backward
+  of the sum of the segments' reliable-sample mean entropies (each row of the stacked gradient
+  is that segment's own gradient). The SAM ascent (one global gradient norm per segment), the
+  S1/S2 filters, the SGD step, the loss EMA and the model recovery run per segment outside the
+  model. Pass 2 is one forward and one backward over the segments whose S1 is not empty, each at
+  its own perturbed parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import (
     Tensors,
     drift_extra,
@@ -57,10 +65,11 @@ from adapters.functional import (
     unprefixed,
     zeros_like_all,
 )
-from adapters.layers import BatchStatsNorm, swap_batchnorms
+from adapters.layers import BatchStatsNorm, segment_affine_ready, swap_affine_norms, swap_batchnorms
 from adapters.norms import NormKind, norm_kind_of, norm_layers
 from adapters.registry import register
-from adapters.tent import batch_stats_flags
+from adapters.segments import FusedBatch, fused_or_stepped, segment_losses
+from adapters.tent import batch_stats_flags, fused_affine_forward, segment_grads
 
 PARAM = "affine/"
 MOMENTUM = "momentum/"
@@ -148,8 +157,8 @@ class SAR(Adapter[SARConfig]):
     batch_size_one = "GN/LN: the intended setting (double lr as the reference); BN: instance normalization (poor)"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """A copy with BN layers swapped for batch-statistics layers (input model untouched)."""
-        return swap_batchnorms(model, BatchStatsNorm)
+        """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""
+        return swap_affine_norms(swap_batchnorms(model, BatchStatsNorm))
 
     def source_params(self, model: nn.Module) -> Tensors:
         """The trainable affine parameters at the source: all norm layers minus the frozen top stage."""
@@ -185,10 +194,8 @@ class SAR(Adapter[SARConfig]):
         ent = entropy(logits)
         s1 = ent.detach() < e0
         extra = {**drift_extra(prediction), "reliable": float(s1.sum())}
-        ema = float(tensors[EMA])
         if not bool(s1.any()):
-            info = StepInfo(False, samples, 0, samples_filtered=samples, extra=extra)
-            return StepResult(prediction, state.with_meta(step=state.meta.step + 1), info)
+            return self._unchanged(prediction, state, extra, passes=1)
         grads = grads_of(ent[s1].mean(), live)
 
         # SAM ascent, pass 2 at the perturbed point, S2 within S1
@@ -196,28 +203,109 @@ class SAR(Adapter[SARConfig]):
         perturbed = requiring_grad({k: params[k] + eps[k] for k in params})
         ent2 = entropy(forward(model, {**flags, **perturbed}, x))[s1]
         s2 = ent2.detach() < e0
-        used = int(s2.sum())
-        if used == 0:
-            info = StepInfo(False, samples, 0, forwards=2, backwards=1, samples_filtered=samples, extra=extra)
-            return StepResult(prediction, state.with_meta(step=state.meta.step + 1), info)
+        if not bool(s2.any()):
+            return self._unchanged(prediction, state, extra, passes=2)
         loss2 = ent2[s2].mean()
         grads2 = grads_of(loss2, perturbed)
-        ema = ema_update(ema, float(loss2.detach()), cfg.ema_factor)
+        return self._descend(model, prediction, state, tensors, grads2, float(loss2.detach()), int(s2.sum()), extra)
 
-        # SAM descent: SGD step at the original parameters with the perturbed gradient
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """Both SAR passes fused over the segments; filters, SAM norms and updates per segment."""
+        if not segments or not segment_affine_ready(model, unprefixed(PARAM, segments[0].state.tensors)):
+            return super().step_many(model, segments)
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        cfg = self.config
+        batch = FusedBatch.of([seg.x for seg in segments])
+        tensors = [on_device(seg.state.tensors, batch.x.device) for seg in segments]
+        params = [unprefixed(PARAM, t) for t in tensors]
+        flags = batch_stats_flags(model)
+        with torch.set_grad_enabled(any(seg.adapt for seg in segments)):
+            logits, live = fused_affine_forward(model, batch, params, flags)
+        predictions = batch.split(logits.detach())
+        results: list[StepResult | None] = [None] * len(segments)
+        for i, seg in enumerate(segments):
+            if not seg.adapt:
+                info = StepInfo(False, len(seg.x), 0, extra=drift_extra(predictions[i]))
+                results[i] = StepResult(predictions[i], seg.state, info)
+        e0 = entropy_margin(cfg.margin_e0, logits.shape[1])
+        ents = segment_losses(entropy(logits), batch.lengths)
+        s1 = [e.detach() < e0 for e in ents]
+        extras = [{**drift_extra(p), "reliable": float(m.sum())} for p, m in zip(predictions, s1, strict=True)]
+        first: list[int] = []
+        for i, seg in enumerate(segments):
+            if seg.adapt and bool(s1[i].any()):
+                first.append(i)
+            elif seg.adapt:
+                results[i] = self._unchanged(predictions[i], seg.state, extras[i], passes=1)
+        if first:
+            grads = segment_grads(torch.stack([ents[i][s1[i]].mean() for i in first]).sum(), live, batch.count)
+            perturbed = []
+            for i in first:
+                eps = sam_perturbation(grads[i], cfg.rho)
+                perturbed.append({k: params[i][k] + eps[k] for k in params[i]})
+            batch2 = FusedBatch.of([segments[i].x for i in first])
+            logits2, live2 = fused_affine_forward(model, batch2, perturbed, flags)
+            ents2 = [e[s1[i]] for e, i in zip(segment_losses(entropy(logits2), batch2.lengths), first, strict=True)]
+            s2 = [e.detach() < e0 for e in ents2]
+            second = [j for j, m in enumerate(s2) if bool(m.any())]
+            for j, i in enumerate(first):
+                if j not in second:
+                    results[i] = self._unchanged(predictions[i], segments[i].state, extras[i], passes=2)
+            if second:
+                losses2 = [ents2[j][s2[j]].mean() for j in second]
+                grads2 = segment_grads(torch.stack(losses2).sum(), live2, batch2.count)
+                for j, loss2 in zip(second, losses2, strict=True):
+                    i = first[j]
+                    results[i] = self._descend(
+                        model,
+                        predictions[i],
+                        segments[i].state,
+                        tensors[i],
+                        grads2[j],
+                        float(loss2.detach()),
+                        int(s2[j].sum()),
+                        extras[i],
+                    )
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _unchanged(prediction: torch.Tensor, state: StreamState, extra: dict[str, float], passes: int) -> StepResult:
+        """No update: no sample reliable after pass 1 (``passes=1``) or pass 2; only the step counter moves."""
+        samples = len(prediction)
+        info = StepInfo(False, samples, 0, forwards=passes, backwards=passes - 1, samples_filtered=samples, extra=extra)
+        return StepResult(prediction, state.with_meta(step=state.meta.step + 1), info)
+
+    def _descend(
+        self,
+        model: nn.Module,
+        prediction: torch.Tensor,
+        state: StreamState,
+        tensors: Tensors,
+        grads2: Tensors,
+        loss2: float,
+        used: int,
+        extra: dict[str, float],
+    ) -> StepResult:
+        """SAM descent (SGD at the original parameters with the perturbed gradient), loss EMA, recovery."""
+        cfg = self.config
+        samples = len(prediction)
+        ema = ema_update(float(tensors[EMA]), loss2, cfg.ema_factor)
         new_params, new_mom = sgd_step(
-            params, grads2, unprefixed(MOMENTUM, tensors), cfg.lr, cfg.momentum, cfg.weight_decay
+            unprefixed(PARAM, tensors), grads2, unprefixed(MOMENTUM, tensors), cfg.lr, cfg.momentum, cfg.weight_decay
         )
         resets = 0
-        if ema < entropy_margin(cfg.reset_margin, logits.shape[1]):
+        if ema < entropy_margin(cfg.reset_margin, prediction.shape[1]):
             fresh = self.init_state(model, state.meta.seed, state.meta.model_hash)
             new_params, new_mom = unprefixed(PARAM, fresh.tensors), unprefixed(MOMENTUM, fresh.tensors)
             ema, resets = math.nan, 1
         new = {
             **prefixed(PARAM, new_params),
             **prefixed(MOMENTUM, new_mom),
-            EMA: torch.tensor(ema, dtype=torch.float64, device=x.device),
+            EMA: torch.tensor(ema, dtype=torch.float64, device=prediction.device),
         }
+        extra = dict(extra)
         if not math.isnan(ema):
             extra["loss_ema"] = ema
         info = StepInfo(

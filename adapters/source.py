@@ -3,17 +3,21 @@
 - Prediction: plain forward with the source statistics; nothing is updated.
 - Batch size 1: identical to any batch size (every sample is independent).
 - Norms: BN, GN and LN (nothing is adapted, so every model is supported).
+- ``step_many``: one forward over every segment's images (eval-mode norms are per sample).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import drift_extra
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped
 
 
 class SourceConfig(MethodConfig):
@@ -38,6 +42,19 @@ class Source(Adapter[SourceConfig]):
 
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
-        logits = model(x)
-        info = StepInfo(adapted=False, samples=len(x), samples_used=0, extra=drift_extra(logits))
+        return self._result(model(x), state, adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One forward over all segments: the source model treats every sample on its own."""
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    @torch.no_grad()
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        logits = batch.split(model(batch.x))
+        return [self._result(out, seg.state, seg.adapt) for out, seg in zip(logits, segments, strict=True)]
+
+    @staticmethod
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
+        info = StepInfo(adapted=False, samples=len(logits), samples_used=0, extra=drift_extra(logits))
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

@@ -16,17 +16,25 @@ every norm layer; BN layers normalize with the batch's statistics.
 - Deviations: ``episodic`` resets to source before every batch by starting from the source
   state, which is what the reference's snapshot restore does; no other change.
 - ``adapt=False``: one forward, same prediction, no backward, state unchanged.
+- ``step_many``: every optimization step is one fused forward and one backward over the
+  segments that still step (all of them, dry runs included, in the first): each segment's
+  affine parameters are stacked (S, C) and gathered per sample, BN layers use each segment's
+  batch statistics, and the loss is the sum of the segments' mean entropies, whose gradient
+  with respect to segment s's row is exactly that segment's own gradient. The optimizer update
+  then runs per segment (each stream has its own Adam step count).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import (
     Tensors,
     adam_step,
@@ -44,9 +52,17 @@ from adapters.functional import (
     unprefixed,
     zeros_like_all,
 )
-from adapters.layers import BatchStatsNorm, prepared_layers, swap_batchnorms
+from adapters.layers import (
+    BatchStatsNorm,
+    prepared_layers,
+    segment_affine_ready,
+    segment_layers,
+    swap_affine_norms,
+    swap_batchnorms,
+)
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped, row, segment_losses, segment_names, stacked
 
 PARAM = "affine/"
 MOMENT1 = "opt_m/"
@@ -78,6 +94,35 @@ def batch_stats_flags(model: nn.Module) -> Tensors:
     return per_layer(prepared_layers(model, BatchStatsNorm), "batch_stats", flag)
 
 
+def fused_affine_forward(
+    model: nn.Module, batch: FusedBatch, params: Sequence[Tensors], flags: Tensors
+) -> tuple[torch.Tensor, Tensors]:
+    """One forward over ``batch`` with each segment's own affine ``params``; returns (logits, stacked leaves).
+
+    The stacked leaves (S, ...) require grad when gradients are enabled, so one backward of a
+    sum of per-segment losses yields every segment's own gradient in its row.
+    """
+    live = {k: v.requires_grad_(torch.is_grad_enabled()) for k, v in stacked(params).items()}
+    call = {**flags, **segment_names(live), **batch.per_layer(segment_layers(model))}
+    return forward(model, call, batch.x), live
+
+
+def segment_grads(loss: torch.Tensor, live: Tensors, count: int) -> list[Tensors]:
+    """Each segment's gradient of the summed loss w.r.t. its own row of the stacked ``live`` tensors."""
+    grads = grads_of(loss, live)
+    return [row(grads, i) for i in range(count)]
+
+
+@dataclass
+class _Optimizer:
+    """One stream's parameters and optimizer moments between the steps of a fused call."""
+
+    params: Tensors
+    m1: Tensors
+    m2: Tensors
+    opt_step: int
+
+
 @register
 class Tent(Adapter[TentConfig]):
     """Minimize prediction entropy w.r.t. the norm affine parameters, one batch at a time."""
@@ -89,8 +134,8 @@ class Tent(Adapter[TentConfig]):
     batch_size_one = "GN/LN: fine; BN: runs as instance normalization (poor)"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """A copy with BN layers swapped for batch-statistics layers (input model untouched)."""
-        return swap_batchnorms(model, BatchStatsNorm)
+        """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""
+        return swap_affine_norms(swap_batchnorms(model, BatchStatsNorm))
 
     def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
         params = trainable_affine(model)
@@ -113,34 +158,90 @@ class Tent(Adapter[TentConfig]):
             info = StepInfo(adapted=False, samples=len(x), samples_used=0, extra=drift_extra(logits))
             return StepResult(logits, state, info)
 
-        m1, m2 = unprefixed(MOMENT1, tensors), unprefixed(MOMENT2, tensors)
-        opt_step = int(tensors[OPT_STEP]) if OPT_STEP in tensors else 0
+        opt = self._optimizer(tensors)
         first: torch.Tensor | None = None
         for _ in range(cfg.steps):
-            live = requiring_grad(params)
+            live = requiring_grad(opt.params)
             logits = forward(model, {**flags, **live}, x)
             if first is None:
                 first = logits.detach()
-            loss = entropy(logits).mean()
-            grads = grads_of(loss, live)
-            if cfg.optimizer == "adam":
-                opt_step += 1
-                params, m1, m2 = adam_step(
-                    params, grads, m1, m2, opt_step, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-                )
-            else:
-                params, m1 = sgd_step(params, grads, m1, cfg.lr, cfg.momentum, cfg.weight_decay)
+            self._update(opt, grads_of(entropy(logits).mean(), live))
         if first is None:
             raise RuntimeError("steps must be at least 1")
+        return self._adapted(first, state, opt)
 
-        new = {**prefixed(PARAM, params), **prefixed(MOMENT1, m1)}
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """Fused forwards and backwards over all segments (per-segment optimizer updates)."""
+        if not segments or not segment_affine_ready(model, unprefixed(PARAM, segments[0].state.tensors)):
+            return super().step_many(model, segments)
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        cfg = self.config
+        device = segments[0].x.device
+        states = [self.reset(model, seg.state) if seg.adapt and cfg.episodic else seg.state for seg in segments]
+        opts = [self._optimizer(on_device(state.tensors, device)) for state in states]
+        flags = batch_stats_flags(model)
+        adapting = [i for i, seg in enumerate(segments) if seg.adapt]
+        first: list[torch.Tensor] = []
+        for k in range(cfg.steps):
+            members = list(range(len(segments))) if k == 0 else adapting
+            batch = FusedBatch.of([segments[i].x for i in members])
+            with torch.set_grad_enabled(bool(adapting)):
+                logits, live = fused_affine_forward(model, batch, [opts[i].params for i in members], flags)
+            if k == 0:
+                first = batch.split(logits.detach())
+            losses = [part.mean() for part in segment_losses(entropy(logits), batch.lengths)] if adapting else []
+            rows = [j for j, i in enumerate(members) if segments[i].adapt]
+            if not rows:
+                break
+            grads = segment_grads(torch.stack([losses[j] for j in rows]).sum(), live, batch.count)
+            for j in rows:
+                self._update(opts[members[j]], grads[j])
+        results = []
+        for seg, state, opt, logits in zip(segments, states, opts, first, strict=True):
+            if seg.adapt:
+                results.append(self._adapted(logits, state, opt))
+            else:
+                info = StepInfo(adapted=False, samples=len(logits), samples_used=0, extra=drift_extra(logits))
+                results.append(StepResult(logits, state, info))
+        return results
+
+    def _optimizer(self, tensors: Tensors) -> _Optimizer:
+        """A stream's parameters and moments from its state tensors."""
+        m1, m2 = unprefixed(MOMENT1, tensors), unprefixed(MOMENT2, tensors)
+        opt_step = int(tensors[OPT_STEP]) if OPT_STEP in tensors else 0
+        return _Optimizer(unprefixed(PARAM, tensors), m1, m2, opt_step)
+
+    def _update(self, opt: _Optimizer, grads: Tensors) -> None:
+        """One optimizer step of one stream, in place on its :class:`_Optimizer` record."""
+        cfg = self.config
         if cfg.optimizer == "adam":
-            new.update(prefixed(MOMENT2, m2))
-            new[OPT_STEP] = torch.tensor(opt_step, dtype=torch.int64, device=x.device)
+            opt.opt_step += 1
+            opt.params, opt.m1, opt.m2 = adam_step(
+                opt.params,
+                grads,
+                opt.m1,
+                opt.m2,
+                opt.opt_step,
+                cfg.lr,
+                (cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay,
+            )
+        else:
+            opt.params, opt.m1 = sgd_step(opt.params, grads, opt.m1, cfg.lr, cfg.momentum, cfg.weight_decay)
+
+    def _adapted(self, first: torch.Tensor, state: StreamState, opt: _Optimizer) -> StepResult:
+        """The result of an adapting step: the first forward's logits and the updated state."""
+        cfg = self.config
+        new = {**prefixed(PARAM, opt.params), **prefixed(MOMENT1, opt.m1)}
+        if cfg.optimizer == "adam":
+            new.update(prefixed(MOMENT2, opt.m2))
+            new[OPT_STEP] = torch.tensor(opt.opt_step, dtype=torch.int64, device=first.device)
         info = StepInfo(
             adapted=True,
-            samples=len(x),
-            samples_used=len(x),
+            samples=len(first),
+            samples_used=len(first),
             forwards=cfg.steps,
             backwards=cfg.steps,
             extra=drift_extra(first),

@@ -23,11 +23,15 @@ instances, weighted by the same assignment. Training-free, one forward.
   the update follow the code (all K components updated, weighted by p), not the paper's
   "closest component" prose.
 - ``adapt=False``: the same prediction, the components are not updated.
+- ``step_many``: one forward over every segment's images; each BN layer holds every segment's
+  components stacked (S, K, C); a sample is assigned to and mixed with its own segment's
+  components, and each segment's components move by its own momentum (from its batch size).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +39,12 @@ from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
+from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import Tensors, cloned, drift_extra, forward, on_device, qualified, var_mean
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
+from adapters.segments import FusedBatch, fused_or_stepped, row, segment_sum, stacked
 
 MEANS = "unmix_means"
 VARS = "unmix_vars"
@@ -66,9 +71,23 @@ def init_components(
 
 
 def assignment(instance_mean: torch.Tensor, means: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
-    """p (B×K): softmax over components of cos(μ̃_b, μ_k)/τ, comparing means only (L2-normalized over C)."""
-    sim = F.normalize(instance_mean, dim=1) @ F.normalize(means, dim=1).T
+    """p (B×K): softmax over components of cos(μ̃_b, μ_k)/τ, comparing means only (L2-normalized over C).
+
+    ``means`` is K×C (one stream) or B×K×C (each sample's own stream's components).
+    """
+    unit = F.normalize(instance_mean, dim=1)
+    if means.dim() == 3:
+        sim = torch.bmm(F.normalize(means, dim=2), unit[:, :, None])[:, :, 0]
+    else:
+        sim = unit @ F.normalize(means, dim=1).T
     return F.softmax(sim / temperature, dim=1)
+
+
+def _mix(weights: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_bk·c_k: B×K @ K×C, or per sample B×K with B×K×C (each sample's own components)."""
+    if components.dim() == 3:
+        return torch.bmm(weights[:, None, :], components)[:, 0]
+    return weights @ components
 
 
 def mixed_statistics(
@@ -80,21 +99,22 @@ def mixed_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample statistics (B×C) from the per-component mixes (law of total variance over K).
 
+    ``means``/``variances`` are K×C, or B×K×C with each sample's own stream's components.
     With m_bk = (1 − p_bk)·μ_k + p_bk·μ̃_b and v_bk = (1 − p_bk)·σ²_k + p_bk·σ̃²_b:
     mean_b = (1/K)·Σ_k m_bk and var_b = (1/K)·Σ_k v_bk + (1/K)·Σ_k m_bk² − mean_b². Each sum over
     k is expanded into B×K @ K×C products, so no B×K×C tensor is ever built (the direct form
     cost more than the convolutions of a small CIFAR ResNet).
     """
-    k = means.shape[0]
+    k = means.shape[-2]
     q = 1 - p
     p_sum = p.sum(dim=1, keepdim=True)
-    mean = (q @ means + p_sum * instance_mean) / k
+    mean = (_mix(q, means) + p_sum * instance_mean) / k
     second = (
-        (q * q) @ (means * means)
-        + 2 * (p * q) @ means * instance_mean
+        _mix(q * q, means * means)
+        + 2 * _mix(p * q, means) * instance_mean
         + (p * p).sum(1, keepdim=True) * (instance_mean * instance_mean)
     )
-    var = (q @ variances + p_sum * instance_var) / k + second / k - mean * mean
+    var = (_mix(q, variances) + p_sum * instance_var) / k + second / k - mean * mean
     return mean, var.clamp_min(0.0)
 
 
@@ -114,6 +134,29 @@ def update_components(
     return new_means, new_vars
 
 
+def update_segment_components(
+    p: torch.Tensor,
+    instance_mean: torch.Tensor,
+    instance_var: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    momentum: torch.Tensor,
+    index: torch.Tensor,
+    sizes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_components` for S streams at once: components S×K×C, momentum (S,), sums per segment.
+
+    Σ_b p_bk·μ̃_b over a segment's samples is a segment sum of the B×K×C outer products
+    (``index_add``: a broken segment cannot leak into the others).
+    """
+    count = len(sizes)
+    weight = segment_sum(p, index, count)[:, :, None]
+    mean_sum = segment_sum(p[:, :, None] * instance_mean[:, None, :], index, count)
+    var_sum = segment_sum(p[:, :, None] * instance_var[:, None, :], index, count)
+    rate = (momentum / sizes.clamp_min(1.0))[:, None, None]
+    return means + rate * (mean_sum - weight * means), variances + rate * (var_sum - weight * variances)
+
+
 def batch_momentum(
     base: torch.Tensor | float, batch: int, batch_size_max: torch.Tensor | float
 ) -> torch.Tensor | float:
@@ -126,7 +169,8 @@ class UnMixBatchNorm(StreamBatchNorm):
 
     Per-call tensors: ``unmix_means`` and ``unmix_vars`` (K×C, updated in place: the caller
     passes clones) and ``unmix_hyper`` = [τ, base momentum m, batch_size_max]. Absent
-    components -> the source layer.
+    components -> the source layer. In a fused call the components are stacked per segment
+    (S×K×C).
     """
 
     unmix_means: torch.Tensor | None
@@ -145,6 +189,8 @@ class UnMixBatchNorm(StreamBatchNorm):
         dims = self.instance_dims(input)
         if means is None or variances is None or hyper is None or not dims:
             return self.source_forward(input)
+        if self.segment_index is not None:
+            return self.segmented_forward(input, means, variances, hyper)
         instance_var, instance_mean = var_mean(input, dims)
         with torch.no_grad():
             p = assignment(instance_mean.detach(), means, hyper[0])
@@ -157,6 +203,25 @@ class UnMixBatchNorm(StreamBatchNorm):
             means.copy_(new_means)
             variances.copy_(new_vars)
         return self.normalize(input, mean, var)
+
+    def segmented_forward(
+        self, x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor, hyper: torch.Tensor
+    ) -> torch.Tensor:
+        """Each sample mixed with its own segment's components (S×K×C), each segment's updated by its own momentum."""
+        index, sizes = self.layout()
+        instance_var, instance_mean = var_mean(x, self.instance_dims(x))
+        own_means, own_vars = means[index], variances[index]
+        with torch.no_grad():
+            p = assignment(instance_mean.detach(), own_means, hyper[0])
+        mean, var = mixed_statistics(p, instance_mean, instance_var, own_means, own_vars)
+        with torch.no_grad():
+            momentum = 1 - (1 - hyper[1]) ** (sizes / hyper[2])
+            new_means, new_vars = update_segment_components(
+                p, instance_mean.detach(), instance_var.detach(), means, variances, momentum, index, sizes
+            )
+            means.copy_(new_means)
+            variances.copy_(new_vars)
+        return self.normalize_samples(x, mean, var)
 
 
 class UnMixTNSConfig(MethodConfig):
@@ -212,22 +277,46 @@ class UnMixTNS(Adapter[UnMixTNSConfig]):
 
     @torch.no_grad()
     def step(self, model: nn.Module, x: torch.Tensor, state: StreamState, adapt: bool = True) -> StepResult:
-        cfg = self.config
         components = cloned(on_device(state.tensors, x.device))  # the layers update these in place
-        call = dict(components)
+        logits = forward(model, {**components, **self._hyper(model, x.device)}, x)
+        return self._result(logits, state, components, adapt)
+
+    def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """One forward over all segments, each sample mixed with its own stream's components."""
+        return fused_or_stepped(self, model, segments, self._fused)
+
+    @torch.no_grad()
+    def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        batch = FusedBatch.of([seg.x for seg in segments])
+        components = stacked([on_device(seg.state.tensors, batch.x.device) for seg in segments])  # fresh copies
+        names = [name for name, _ in self._component_layers(model)]
+        call = {**components, **self._hyper(model, batch.x.device), **batch.per_layer(names)}
+        logits = batch.split(forward(model, call, batch.x))
+        return [
+            self._result(out, seg.state, row(components, i), seg.adapt)
+            for i, (out, seg) in enumerate(zip(logits, segments, strict=True))
+        ]
+
+    def _hyper(self, model: nn.Module, device: torch.device) -> Tensors:
+        """[τ, base momentum, batch_size_max] for every layer with components."""
+        cfg = self.config
+        call: Tensors = {}
         for name, layer in self._component_layers(model):
             base = cfg.base_momentum
             if base is None:
                 base = layer.momentum if layer.momentum is not None else DEFAULT_BN_MOMENTUM
             call[qualified(name, HYPER)] = torch.tensor(
-                [cfg.temperature, base, float(cfg.batch_size_max)], device=x.device
+                [cfg.temperature, base, float(cfg.batch_size_max)], device=device
             )
-        logits = forward(model, call, x)
-        info = StepInfo(adapted=adapt, samples=len(x), samples_used=len(x) if adapt else 0, extra=drift_extra(logits))
+        return call
+
+    @staticmethod
+    def _result(logits: torch.Tensor, state: StreamState, components: Tensors, adapt: bool) -> StepResult:
+        samples = len(logits)
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=drift_extra(logits))
         if not adapt:
             return StepResult(logits, state, info)
-        new_state = StreamState(components, state.meta).with_meta(step=state.meta.step + 1)
-        return StepResult(logits, new_state, info)
+        return StepResult(logits, StreamState(components, state.meta).with_meta(step=state.meta.step + 1), info)
 
     def export_tensors(self, state: StreamState) -> tuple[int, dict[str, torch.Tensor]]:
         """Not loadable into a plain model (the components need :class:`UnMixBatchNorm`): empty."""
