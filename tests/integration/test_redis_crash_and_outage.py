@@ -197,3 +197,79 @@ def test_calls_that_need_redis_fail_fast_while_it_is_down(private_redis: Private
         assert store.count() == 0
     finally:
         store.close()
+
+
+def timed(call: Callable[[], object]) -> tuple[float, object]:
+    """Seconds ``call`` took and what it returned or raised."""
+    started = time.perf_counter()
+    try:
+        outcome: object = call()
+    except StoreUnavailableError as exc:
+        outcome = exc
+    return time.perf_counter() - started, outcome
+
+
+def test_a_hung_redis_opens_the_circuit_and_every_later_call_answers_at_once(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP: connections are accepted but no reply ever comes (redis.TimeoutError, not a refusal).
+
+    Only the call that trips the circuit may wait (2 x socket timeout with redis-py's one retry);
+    after that, registering, listing, deleting, describing uncached streams and counting answer
+    within 50 ms, cached streams keep serving, and SIGCONT brings everything back.
+    """
+    store = RedisStateStore(private_redis.url, key_prefix="hung", retry_interval=0.2, socket_timeout=0.5)
+    cached, uncached = StreamKey("t", "cached"), StreamKey("t", "uncached")
+    state = StreamState({"x": torch.zeros(2)}, StateMeta("bn", {}, "h", step=1))
+    writer = RedisStateStore(private_redis.url, key_prefix="hung", cache_max_streams=0)
+    assert private_redis.proc is not None
+    try:
+        store.create_stream(StreamRecord(cached, "m", "bn", {}, 0))
+        assert store.save_state(cached, state, 0, 1) == 1
+        writer.create_stream(StreamRecord(uncached, "m", "bn", {}, 0))
+        writer.save_state(uncached, state, 0, 1)
+        assert wait_for(lambda: store.count() == 2, seconds=30)
+
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: store.down, seconds=30)  # the background count read times out
+            opened = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+            assert opened and "Timeout" in opened[0], opened  # a timeout, not a refused connection
+            calls: dict[str, Callable[[], object]] = {
+                "create_stream": lambda: store.create_stream(StreamRecord(StreamKey("t", "new"), "m", "bn", {}, 0)),
+                "list_streams": lambda: store.list_streams(None, 0, 10),
+                "delete_stream": lambda: store.delete_stream(cached),
+                "state_summaries": lambda: store.state_summaries([uncached]),
+                "get_stream uncached": lambda: store.get_stream(uncached),
+                "load_state uncached": lambda: store.load_state(uncached),
+                "ping": store.ping,
+            }
+            for name, call in calls.items():
+                took, outcome = timed(call)
+                assert isinstance(outcome, StoreUnavailableError), (name, outcome)
+                assert took < 0.05, (name, took)
+            served: dict[str, Callable[[], object]] = {
+                "count": store.count,
+                "get_stream cached": lambda: store.get_stream(cached),
+                "load_state cached": lambda: store.load_state(cached),
+                "save_state cached": lambda: store.save_state(cached, state, 1, 2),
+                "state_summaries cached": lambda: store.state_summaries([cached]),
+            }
+            results = {}
+            for name, call in served.items():
+                took, results[name] = timed(call)
+                assert not isinstance(results[name], StoreUnavailableError), (name, results[name])
+                assert took < 0.05, (name, took)
+            assert results["count"] == 2 and results["save_state cached"] == 2
+            assert store.pending_states() == 1
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+
+        assert wait_for(lambda: not store.down and store.pending_states() == 0, seconds=30), store.degradation()
+        stored = persisted(private_redis.url, "hung", cached)
+        assert stored is not None and stored.version == 2
+        store.create_stream(StreamRecord(StreamKey("t", "after"), "m", "bn", {}, 0))
+        assert store.list_streams("t", 0, 10)[1] == 3 and store.count() == 3
+    finally:
+        writer.close()
+        store.close()

@@ -1,47 +1,20 @@
+"""What only the memory store does: LRU bound, idle expiry, describing without touching.
+
+The behaviour both stores share is in tests/contract/test_store_contract.py.
+"""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from adapters.base import StateMeta, StreamState
-from tta_server.state.base import StreamExistsError, StreamKey, StreamNotFoundError, StreamRecord, VersionConflictError
+from tta_server.state.base import StreamKey, StreamNotFoundError, StreamRecord
 from tta_server.state.memory import MemoryStateStore
 
 
 def record(tenant: str, sid: str, created: float = 0.0) -> StreamRecord:
     return StreamRecord(StreamKey(tenant, sid), "m", "bn", {}, 0, created_at=created)
-
-
-STATE = StreamState({"x": torch.zeros(2)}, StateMeta("bn", {}, "h"))
-
-
-def test_compare_and_set_refuses_stale_writes() -> None:
-    store = MemoryStateStore()
-    key = StreamKey("t", "s")
-    store.create_stream(record("t", "s"))
-    assert store.load_state(key) is None
-    assert store.save_state(key, STATE, 0, 4) == 1
-    assert store.save_state(key, STATE, 1, 8) == 2
-    with pytest.raises(VersionConflictError, match="version 2, write was based on 1"):
-        store.save_state(key, STATE, 1, 12)
-    stored = store.load_state(key)
-    assert stored is not None and stored.version == 2 and stored.samples_seen == 8
-
-
-def test_registry_errors_and_tenant_paging() -> None:
-    store = MemoryStateStore()
-    for i in range(3):
-        store.create_stream(record("a", f"s{i}", created=i))
-    store.create_stream(record("b", "s0"))
-    with pytest.raises(StreamExistsError):
-        store.create_stream(record("a", "s1"))
-    page, total = store.list_streams("a", offset=1, limit=1)
-    assert total == 3 and [r.key.stream_id for r in page] == ["s1"]
-    assert store.list_streams(None, 0, 10)[1] == 4
-    store.delete_stream(StreamKey("a", "s0"))
-    with pytest.raises(StreamNotFoundError):
-        store.get_stream(StreamKey("a", "s0"))
-    assert store.get_stream(StreamKey("b", "s0")).key.tenant == "b"
 
 
 def test_lru_bound_and_idle_ttl() -> None:

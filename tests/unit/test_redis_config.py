@@ -1,7 +1,8 @@
 """Redis store configuration without a server: URLs and credentials, settings, key layout, write policy.
 
-Nothing here talks to Redis (constructing a store does not connect); behaviour against a
-real server is in tests/integration/test_redis_*.py.
+No Redis server is needed (constructing a store does not wait for one; its background thread
+finds nothing answering and opens the circuit); behaviour against a real server is in
+tests/integration/test_redis_*.py.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from redis.connection import SSLConnection
 
 from tta_server.settings import Settings
 from tta_server.state.base import StreamKey, StreamRecord
-from tta_server.state.factory import open_store
+from tta_server.state.factory import StoreOptions, open_store
 from tta_server.state.memory import MemoryStateStore
-from tta_server.state.redis.keys import KeyLayout, key_of_member, member_of, record_from_json, record_to_json
 from tta_server.state.redis import RedisStateStore
+from tta_server.state.redis.keys import KeyLayout, key_of_member, member_of, record_from_json, record_to_json
 from tta_server.state.write_policy import WriteMode, WritePolicy
 
 
@@ -29,7 +30,9 @@ def test_rediss_url_with_credentials_uses_tls_and_never_shows_the_password() -> 
         redis_flush_every_s=2.5,
         redis_ttl_s=3600,
     )
-    store = open_store(settings)
+    options = settings.store_options()
+    assert options.url == settings.store_url and options.write_policy == WritePolicy(WriteMode.WRITE_BEHIND, 4, 2.5)
+    store = open_store(options)
     try:
         assert isinstance(store, RedisStateStore)
         pool = store.client.connection_pool
@@ -45,7 +48,10 @@ def test_rediss_url_with_credentials_uses_tls_and_never_shows_the_password() -> 
 
 def test_store_url_validation() -> None:
     assert Settings(store_url="redis://127.0.0.1:6379/0").store_url.startswith("redis://")
-    assert isinstance(open_store(Settings()), MemoryStateStore)
+    assert isinstance(open_store(StoreOptions()), MemoryStateStore)
+    assert StoreOptions() == Settings().store_options()  # the defaults agree
+    with pytest.raises(ValueError, match="unsupported state store URL 'host:1'"):
+        open_store(StoreOptions(url="http://bob:hunter2@host:1"))
     with pytest.raises(ValidationError, match="use memory://, redis:// or rediss://") as caught:
         Settings(store_url="http://bob:hunter2@127.0.0.1:6379")
     assert "hunter2" not in caught.value.errors()[0]["msg"]  # the message the CLI prints
