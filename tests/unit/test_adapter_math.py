@@ -407,3 +407,59 @@ def test_replay_fifo_chunks() -> None:
     assert popped.flatten().tolist() == [3, 4, 5, 6]
     assert replay.take(rest, "h/", torch.arange(3))[0].flatten().tolist() == [7, 8, 9]
     assert replay.size(store, "h/") == 7  # the input dict was not changed
+
+
+# -- fused multi-stream steps: segment reductions ---------------------------------------------------
+
+
+def test_segment_moments_equal_each_segments_own_moments() -> None:
+    from adapters.functional import var_mean
+    from adapters.segments import FusedBatch, segment_moments
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 3, 4, 5, generator=gen) * (1 + n) + n for n in (2, 1, 3)]
+    batch = FusedBatch.of(xs)
+    var, mean, count = segment_moments(batch.x, batch.index, batch.sizes)
+    for i, x in enumerate(xs):
+        want_var, want_mean = var_mean(x, [0, 2, 3])
+        close(mean[i], want_mean, atol=1e-5)
+        close(var[i], want_var, atol=1e-4)
+        assert float(count[i]) == len(x) * 20
+
+
+def test_segment_sums_keep_a_broken_segment_to_itself() -> None:
+    from adapters.segments import segment_sum
+
+    values = torch.tensor([[1.0, 2.0], [float("nan"), 1.0], [3.0, 4.0]])
+    sums = segment_sum(values, torch.tensor([0, 1, 0]), 2)
+    close(sums[0], [4.0, 6.0])
+    assert torch.isnan(sums[1, 0])
+
+
+def test_unmix_segment_update_and_mix_equal_one_stream_at_a_time() -> None:
+    from adapters.unmix_tns import update_segment_components
+
+    gen = torch.Generator().manual_seed(1)
+    k, c, lengths = 3, 4, (2, 1, 3)
+    means = torch.randn(len(lengths), k, c, generator=gen)
+    variances = torch.rand(len(lengths), k, c, generator=gen) + 0.5
+    inst_mean = torch.randn(sum(lengths), c, generator=gen)
+    inst_var = torch.rand(sum(lengths), c, generator=gen)
+    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    sizes = torch.tensor(lengths, dtype=torch.float32)
+    momentum = 1 - (1 - 0.1) ** (sizes / 4)
+    p = assignment(inst_mean, means[index], 0.5)
+    mean, var = mixed_statistics(p, inst_mean, inst_var, means[index], variances[index])
+    new_means, new_vars = update_segment_components(p, inst_mean, inst_var, means, variances, momentum, index, sizes)
+    start = 0
+    for s, n in enumerate(lengths):
+        rows = slice(start, start + n)
+        p_s = assignment(inst_mean[rows], means[s], 0.5)
+        close(p[rows], p_s)
+        m_s, v_s = mixed_statistics(p_s, inst_mean[rows], inst_var[rows], means[s], variances[s])
+        close(mean[rows], m_s, atol=1e-5)
+        close(var[rows], v_s, atol=1e-5)
+        u_m, u_v = update_components(p_s, inst_mean[rows], inst_var[rows], means[s], variances[s], momentum[s])
+        close(new_means[s], u_m, atol=1e-6)
+        close(new_vars[s], u_v, atol=1e-6)
+        start += n
