@@ -120,7 +120,12 @@ def test_serve_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None
     import tta_server.app
 
     seen: list[Settings] = []
-    monkeypatch.setattr(tta_server.app, "create_app", lambda s: seen.append(s) or object())
+
+    def fake_create_app(settings: Settings) -> object:
+        seen.append(settings)
+        return object()
+
+    monkeypatch.setattr(tta_server.app, "create_app", fake_create_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setenv("TTA_MAX_QUEUE", "9")
     monkeypatch.setenv("TTA_DRIFT_SAMPLE_EVERY", "3")

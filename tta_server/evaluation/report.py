@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +50,16 @@ class ReportError(ValueError):
 
 @dataclass(frozen=True)
 class GroupKey:
+    """What makes runs comparable. ``n`` and ``n_source`` follow from the fingerprint (a seeded
+    subset has its own), so they do not split groups further; they only make the title say
+    which images a table is about."""
+
     model: str
     dataset: str
     fingerprint: str
     severity: int
+    n: int = 0
+    n_source: int = 0
 
     @property
     def data_name(self) -> str:
@@ -61,9 +67,19 @@ class GroupKey:
         return "/".join(Path(self.dataset).parts[-2:]) or self.dataset
 
     def title(self) -> str:
+        """The section heading: model, data, severity, and the subset when the runs used one.
+
+        Two groups that differ only in their images (all 10,000 test images against a seeded
+        1,000-image subset for batch size 1) would otherwise get the same heading.
+        """
         data = self.data_name
         level = "clean images" if self.severity == 0 else f"severity {self.severity}"
-        return f"{self.model} on {data}, {level}"
+        title = f"{self.model} on {data}, {level}"
+        if 0 < self.n < self.n_source:
+            title += f", seeded subset of {self.n:,} of {self.n_source:,} images per corruption"
+        elif self.n:
+            title += f", all {self.n:,} images per corruption"
+        return title
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,7 @@ def group_rows(results: Sequence[EvalResult]) -> dict[GroupKey, list[Row]]:
     """Rows per comparable group, sorted by setting (protocol order), batch size (large first), method."""
     buckets: dict[GroupKey, dict[tuple[str, str, int], list[EvalResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        key = GroupKey(r.model.name, r.dataset.path, r.dataset.fingerprint, r.severity)
+        key = GroupKey(r.model.name, r.dataset.path, r.dataset.fingerprint, r.severity, r.dataset.n, r.dataset.n_source)
         buckets[key][(r.method_label, r.setting, r.batch_size)].append(r)
     grouped = {}
     for key, rows in buckets.items():
@@ -228,8 +244,12 @@ def plot_group(key: GroupKey, rows: Sequence[Row], plots_dir: Path) -> list[Path
 def build_report(results: Sequence[EvalResult], out: Path | None = None, plots_dir: Path | None = None) -> str:
     """The Markdown report (tables, and links to plots when ``plots_dir`` is given)."""
     lines = ["# Accuracy under distribution shift", "", *context_lines(results), ""]
-    for key, rows in group_rows(results).items():
-        lines += [f"## {key.title()}", "", table(rows), ""]
+    groups = group_rows(results)
+    titles = Counter(key.title() for key in groups)
+    for key, rows in groups.items():
+        # still ambiguous (e.g. two different subsets of one size): name the data fingerprint
+        title = key.title() if titles[key.title()] == 1 else f"{key.title()} (data {key.fingerprint[:8]})"
+        lines += [f"## {title}", "", table(rows), ""]
         commands = sorted({r.command for row in rows for r in row.runs if r.command})
         if commands:
             lines += ["<details><summary>commands</summary>", "", *[f"    {c}" for c in commands], "", "</details>", ""]
