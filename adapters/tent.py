@@ -195,9 +195,8 @@ class Tent(Adapter[TentConfig]):
             rows = [j for j, i in enumerate(members) if segments[i].adapt]
             if not rows:
                 break
-            grads = segment_grads(torch.stack([losses[j] for j in rows]).sum(), live, batch.count)
-            for j in rows:
-                self._update(opts[members[j]], grads[j])
+            grads = grads_of(torch.stack([losses[j] for j in rows]).sum(), live)
+            self._update_rows([opts[members[j]] for j in rows], grads, rows)
         results = []
         for seg, state, opt, logits in zip(segments, states, opts, first, strict=True):
             if seg.adapt:
@@ -212,6 +211,35 @@ class Tent(Adapter[TentConfig]):
         m1, m2 = unprefixed(MOMENT1, tensors), unprefixed(MOMENT2, tensors)
         opt_step = int(tensors[OPT_STEP]) if OPT_STEP in tensors else 0
         return _Optimizer(unprefixed(PARAM, tensors), m1, m2, opt_step)
+
+    def _update_rows(self, opts: Sequence[_Optimizer], grads: Tensors, rows: Sequence[int]) -> None:
+        """Optimizer steps of several streams, ``grads`` stacked with stream ``opts[j]`` in row ``rows[j]``.
+
+        The optimizers are elementwise, so streams at the same Adam step count are updated in one
+        call on stacked tensors (the same arithmetic per element as one call per stream, without
+        its per-tensor overhead repeated for every stream).
+        """
+        groups: dict[int, list[int]] = {}
+        for j, opt in enumerate(opts):
+            groups.setdefault(opt.opt_step, []).append(j)
+        for members in groups.values():
+            pick = torch.tensor([rows[j] for j in members], device=next(iter(grads.values())).device)
+            picked = {k: g.index_select(0, pick) for k, g in grads.items()}
+            self._update_group([opts[j] for j in members], picked)
+
+    def _update_group(self, opts: Sequence[_Optimizer], grads: Tensors) -> None:
+        """One optimizer step of streams at the same step count, on their stacked tensors."""
+        cfg = self.config
+        params, m1 = stacked([o.params for o in opts]), stacked([o.m1 for o in opts])
+        m2 = stacked([o.m2 for o in opts]) if cfg.optimizer == "adam" else {}
+        opt_step = opts[0].opt_step + (cfg.optimizer == "adam")
+        if cfg.optimizer == "adam":
+            betas = (cfg.beta1, cfg.beta2)
+            params, m1, m2 = adam_step(params, grads, m1, m2, opt_step, cfg.lr, betas, weight_decay=cfg.weight_decay)
+        else:
+            params, m1 = sgd_step(params, grads, m1, cfg.lr, cfg.momentum, cfg.weight_decay)
+        for j, opt in enumerate(opts):
+            opt.params, opt.m1, opt.m2, opt.opt_step = row(params, j), row(m1, j), row(m2, j), opt_step
 
     def _update(self, opt: _Optimizer, grads: Tensors) -> None:
         """One optimizer step of one stream, in place on its :class:`_Optimizer` record."""
