@@ -47,7 +47,7 @@ from tta_server.errors import (
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
 from tta_server.serving.batcher import Batcher
-from tta_server.serving.decode import InputLimits
+from tta_server.serving.decode import DecodePool, InputLimits
 from tta_server.serving.drift import DriftTracker
 from tta_server.serving.model_worker import BatchOutput, ModelWorker
 from tta_server.serving.observers import DriftObserver, MetricsObserver, Observers
@@ -91,22 +91,29 @@ def to_service_error(exc: Exception) -> ServiceError | None:
     return None
 
 
+def respond(error: ServiceError) -> JSONResponse:
+    """The one JSON error shape for ``error`` (with ``Retry-After`` for a full queue)."""
+    headers = {"Retry-After": str(int(error.retry_after + 0.999))} if isinstance(error, QueueFullError) else None
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The answer to any exception: its HTTP meaning, or a logged 500 that names only the exception type."""
+    mapped = to_service_error(exc)
+    if mapped is None:
+        log.exception("unhandled error", exc_info=exc)
+        mapped = ServiceError(f"internal error: {type(exc).__name__}")
+    return respond(mapped)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map service, store, adapter, validation and HTTP errors to the one error shape."""
 
-    def respond(error: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(int(error.retry_after + 0.999))} if isinstance(error, QueueFullError) else None
-        return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
-
-    @app.exception_handler(Exception)
     async def _any_error(_: Request, exc: Exception) -> JSONResponse:
-        mapped = to_service_error(exc)
-        if mapped is None:
-            log.exception("unhandled error", exc_info=exc)
-            mapped = ServiceError(f"internal error: {type(exc).__name__}")
-        return respond(mapped)
+        return error_response(exc)
 
     mapped_errors: tuple[type[Exception], ...] = (
+        Exception,
         ServiceError,
         AdapterError,
         CatalogueError,
@@ -126,19 +133,30 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body the framework could not parse (bad encoding, broken form)
+            return respond(RequestInvalidError(f"malformed request body: {exc.detail}"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail), "detail": None}}, status_code=exc.status_code
+            {"error": {"code": code, "message": str(exc.detail), "detail": None}},
+            status_code=exc.status_code,
+            headers=exc.headers,  # 405 carries Allow
         )
 
 
 def install_metrics(app: FastAPI, metrics: Metrics) -> None:
-    """Count and time every request by its route template (bounded labels) and serve /metrics."""
+    """Count and time every request by its route template (bounded labels) and serve /metrics.
+
+    Server faults are answered here, inside the counting middleware (not by the outermost
+    error middleware, which no inner middleware sees), so every 500 is counted like any answer.
+    """
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:
+            response = error_response(exc)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
@@ -173,8 +191,14 @@ def build_services(settings: Settings) -> Services:
     streams = StreamService(hub, store, worker, batcher, drift, metrics)
     metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)
     metrics.track_gauge(metrics.active_streams, streams.active_streams)
-    limits = InputLimits(settings.max_body_bytes, settings.max_images_per_request, settings.max_pixels_per_image)
-    return Services(settings, streams, hub, metrics, limits, StartupStatus())
+    limits = InputLimits(
+        settings.max_body_bytes,
+        settings.max_images_per_request,
+        settings.max_pixels_per_image,
+        settings.max_pixels_per_request,
+    )
+    decoder = DecodePool(settings.decode_threads)
+    return Services(settings, streams, hub, metrics, limits, decoder, StartupStatus())
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -190,6 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
         await batcher.run_in_worker(lambda: _preload(services))
         yield
         await batcher.stop()
+        services.decoder.close()
         services.streams.close()
 
     app = FastAPI(

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
     max_images_per_request: int = Field(256, ge=1, le=100_000)
     max_pixels_per_image: int = Field(4096 * 4096, ge=64, description="decompression-bomb guard (413)")
+    max_pixels_per_request: int = Field(
+        4096 * 4096, ge=64, description="decode budget: pixels of all images of one request, from their headers (413)"
+    )
+    decode_threads: int = Field(2, ge=1, le=64, description="threads that decode admitted request bodies")
     memory_max_streams: int = Field(10_000, ge=1, description="memory store: LRU bound")
     memory_ttl_s: float | None = Field(None, gt=0, description="memory store: idle streams expire")
     redis_key_prefix: str = Field(

@@ -36,30 +36,37 @@ def test_metrics_exported_in_base_units(client: TestClient) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
+    """One request running, one waiting (max_queue = 1): the next two are refused with 429."""
     app = create_app(settings.model_copy(update={"max_queue": 1, "max_delay_ms": 0}))
     services: Services = app.state.services
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
     original = services.streams.worker.run_batch
 
     def slow(record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
-        release.wait(10)
+        running.set()
+        release.wait(30)
         return original(record, images, adapt)
 
     services.streams.batcher._run_batch = slow
     with TestClient(app) as c:
         c.post("/v1/streams", json={"model": "resnet20", "method": "bn", "stream_id": "q"})
         body = npy_bytes(random_images(1))
+        batcher = services.streams.batcher
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(c.post, "/v1/streams/q/predict", content=body, headers=NPY) for _ in range(4)]
-            for _ in range(250):  # wait until the two surplus requests have been refused
-                if sum(f.done() for f in futures) == 2:
+            first = pool.submit(c.post, "/v1/streams/q/predict", content=body, headers=NPY)
+            assert running.wait(30), "the first request never started"
+            second = pool.submit(c.post, "/v1/streams/q/predict", content=body, headers=NPY)
+            for _ in range(1500):  # wait until the second request holds the one queue slot
+                if batcher.depth == 1:
                     break
                 threading.Event().wait(0.02)
+            assert batcher.depth == 1
+            refused = [c.post("/v1/streams/q/predict", content=body, headers=NPY) for _ in range(2)]
             release.set()
-            responses = [f.result() for f in futures]
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses.count(200) == 2 and statuses.count(429) == 2, statuses
-        rejected = next(r for r in responses if r.status_code == 429)
+            responses = [first.result(), second.result(), *refused]
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200, 200, 429, 429], statuses
+        rejected = refused[0]
         assert int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["code"] == "queue_full"
         assert c.get("/v1/streams/q").json()["steps"] == 2
         assert "tta_queue_rejections_total 2.0" in c.get("/metrics").text

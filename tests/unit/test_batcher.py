@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -65,23 +66,34 @@ def test_requests_of_a_stream_coalesce_in_arrival_order() -> None:
     _run(main)
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Wait (on the loop) until ``condition`` holds; fail after a generous deadline."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 def test_queue_full_is_refused_immediately() -> None:
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
 
     def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> int:
-        release.wait(5)
+        running.set()
+        release.wait(30)
         return len(images)
 
     async def main() -> None:
         batcher: Batcher[int] = Batcher(run_batch, max_batch=1, max_delay=0, max_queue=1)
         await batcher.start()
         first = asyncio.create_task(batcher.submit(A, np.zeros((1, 1, 1, 3), np.uint8), True))
-        await asyncio.sleep(0.05)  # first is running
+        await _until(running.is_set)
         second = asyncio.create_task(batcher.submit(A, np.zeros((1, 1, 1, 3), np.uint8), True))
-        await asyncio.sleep(0.01)  # second waits in the queue
+        await _until(lambda: batcher.depth == 1)
         with pytest.raises(QueueFullError) as info:
             await batcher.submit(B, np.zeros((1, 1, 1, 3), np.uint8), True)
         assert info.value.retry_after >= 1
+        with pytest.raises(QueueFullError):
+            batcher.admit()
         release.set()
         assert (await first)[0] == 1 and (await second)[0] == 1
         await batcher.stop()
@@ -89,14 +101,35 @@ def test_queue_full_is_refused_immediately() -> None:
     _run(main)
 
 
+def test_admission_tickets_hold_a_slot_until_submitted_or_released() -> None:
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(lambda r, images, a: len(images), max_batch=4, max_delay=0, max_queue=2)
+        await batcher.start()
+        first, second = batcher.admit(), batcher.admit()
+        assert batcher.reserved == 2
+        with pytest.raises(QueueFullError):
+            batcher.admit()  # both slots are held by requests still decoding
+        batcher.release(first)
+        batcher.release(first)  # idempotent
+        assert batcher.reserved == 1
+        result, _ = await batcher.submit(A, np.zeros((2, 1, 1, 3), np.uint8), True, second)
+        assert result == 2 and batcher.reserved == 0 and batcher.depth == 0
+        batcher.release(second)  # a submitted ticket is not released twice
+        assert batcher.reserved == 0
+        await batcher.stop()
+
+    _run(main)
+
+
 def test_deadline_expires_before_running_and_failures_stay_in_their_batch() -> None:
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
     ran: list[StreamRecord] = []
 
     def run_batch(key: StreamRecord, images: np.ndarray, adapt: bool) -> int:
         ran.append(key)
         if key == A:
-            release.wait(5)
+            running.set()
+            release.wait(30)
             raise RuntimeError("model exploded")
         return 7
 
@@ -104,9 +137,9 @@ def test_deadline_expires_before_running_and_failures_stay_in_their_batch() -> N
         batcher: Batcher[int] = Batcher(run_batch, max_batch=4, max_delay=0, timeout=0.1)
         await batcher.start()
         failing = asyncio.create_task(batcher.submit(A, np.zeros((1, 1, 1, 3), np.uint8), True))
-        await asyncio.sleep(0.05)
+        await _until(running.is_set)
         late = asyncio.create_task(batcher.submit(B, np.zeros((1, 1, 1, 3), np.uint8), True))
-        await asyncio.sleep(0.2)  # B's deadline passes while A runs
+        await asyncio.sleep(0.2)  # B's deadline (0.1 s) has passed for sure while A still runs
         release.set()
         with pytest.raises(RuntimeError, match="exploded"):
             await failing

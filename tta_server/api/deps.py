@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Request
 from tta_server.auth import Principal, authenticate
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
-from tta_server.serving.decode import InputLimits
+from tta_server.serving.decode import DecodePool, InputLimits
 from tta_server.serving.stream_service import StreamService
 from tta_server.settings import Settings
 
@@ -35,6 +35,7 @@ class Services:
     hub: ModelHub
     metrics: Metrics
     limits: InputLimits
+    decoder: DecodePool
     startup: StartupStatus = field(default_factory=StartupStatus)
 
 

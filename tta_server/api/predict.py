@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from typing import Annotated
@@ -11,13 +10,16 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from tta_server.api.body import read_body
-from tta_server.api.deps import PrincipalDep, ServicesDep
+from tta_server.api.deps import PrincipalDep, Services, ServicesDep
 from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
 from tta_server.api.streams import ERRORS, stream_key
-from tta_server.errors import RequestInvalidError, UnsupportedMediaError
-from tta_server.serving.decode import InputLimits, decode_image_files, decode_npy
+from tta_server.errors import PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
+from tta_server.serving.admission import InputLimits, admit_files, admit_npy
+from tta_server.serving.decode import decode_files, decode_npy_batch
 from tta_server.serving.drift import entropy_and_confidence
 from tta_server.serving.model_worker import BatchOutput
 from tta_server.serving.stream_service import PredictInput
@@ -44,36 +46,71 @@ PREDICT_BODY = {
 }
 
 
-async def decode_request(request: Request, spec: ModelSpec, limits: InputLimits, max_body: int) -> PredictInput:
-    """The request's images as (N, size, size, 3) uint8 for the model of ``spec``, and the body's options."""
-    size = spec.input_size
+def content_type_of(request: Request) -> str:
+    """The media type of the body, refused with 415 before anything is read when it is not accepted."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, max_body)
-    if content_type == "multipart/form-data":
-        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        blobs = [await f.read() for f in files]
-        return PredictInput(await asyncio.to_thread(decode_image_files, blobs, size, limits))
-    if content_type == "application/json":
-        try:
-            options = PredictJSON.model_validate_json(body)
-        except ValidationError as exc:
-            errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-            raise RequestInvalidError(f"invalid JSON body: {errors[0]['msg']} at {errors[0]['loc']}", errors) from None
-        blobs = []
-        for i, text in enumerate(options.images):
-            try:
-                blobs.append(base64.b64decode(text, validate=True))
-            except (binascii.Error, ValueError):
-                raise RequestInvalidError(f"image {i} is not valid base64", {"index": i}) from None
-        images = await asyncio.to_thread(decode_image_files, blobs, size, limits)
-        return PredictInput(images, options.adapt, options.top_k)
-    if content_type in NPY_TYPES:
-        return PredictInput(await asyncio.to_thread(decode_npy, body, size, limits))
+    if content_type in ("multipart/form-data", "application/json", *NPY_TYPES):
+        return content_type
     raise UnsupportedMediaError(
         f"content type '{content_type or 'none'}' is not accepted; send multipart/form-data (PNG, JPEG, WebP files), "
         "application/json (base64 images) or application/x-npy (uint8 N x H x W x 3)"
     )
+
+
+async def multipart_files(request: Request, limits: InputLimits) -> list[bytes]:
+    """The uploaded files' bytes; more files than allowed is 413, a malformed body 422."""
+    try:
+        form = await request.form(max_files=limits.max_images, max_fields=16)
+    except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps parser errors in a 400
+        message = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+        if "Too many files" in message:
+            raise PayloadTooLargeError(
+                f"more than {limits.max_images} files in one request", {"max_images": limits.max_images}
+            ) from None
+        raise RequestInvalidError(f"malformed multipart body: {message}") from None
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    return [await f.read() for f in files]
+
+
+def json_images(body: bytes) -> tuple[list[bytes], PredictJSON]:
+    """The base64 images and options of a JSON body (422 naming the field when invalid)."""
+    try:
+        options = PredictJSON.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        raise RequestInvalidError(f"invalid JSON body: {errors[0]['msg']} at {errors[0]['loc']}", errors) from None
+    blobs = []
+    for i, text in enumerate(options.images):
+        try:
+            blobs.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestInvalidError(f"image {i} is not valid base64", {"index": i}) from None
+    return blobs, options
+
+
+async def decode_request(request: Request, spec: ModelSpec, services: Services) -> PredictInput:
+    """The request's images as (N, size, size, 3) uint8 for the model of ``spec``, and the body's options.
+
+    The body is admitted from its headers (count, formats, pixel budget) before any pixel is
+    decoded; decoding then runs in the bounded decode pool.
+    """
+    limits, decoder = services.limits, services.decoder
+    fit = {"resize_mode": spec.resize_mode, "fill": spec.pad_colour}
+    content_type = content_type_of(request)
+    body = await read_body(request, limits.max_body_bytes)
+    if content_type in NPY_TYPES:
+        admitted_npy = admit_npy(body, limits)
+        return PredictInput(await decoder.run(decode_npy_batch, admitted_npy, spec.input_size, **fit))
+    options: PredictJSON | None = None
+    if content_type == "multipart/form-data":
+        blobs = await multipart_files(request, limits)
+    else:
+        blobs, options = json_images(body)
+    admitted = admit_files(blobs, limits)
+    images = await decoder.run(decode_files, admitted, spec.input_size, **fit)
+    if options is None:
+        return PredictInput(images)
+    return PredictInput(images, options.adapt, options.top_k)
 
 
 def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction]:
@@ -119,7 +156,7 @@ async def predict(
     """
     outcome = await services.streams.predict(
         stream_key(principal, stream_id),
-        lambda spec: decode_request(request, spec, services.limits, services.settings.max_body_bytes),
+        lambda spec: decode_request(request, spec, services),
         adapt,
         top_k,
     )

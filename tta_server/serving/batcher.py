@@ -2,8 +2,11 @@
 
 Contract:
 
-- ``submit`` either enqueues a request or raises :class:`QueueFullError` at once (429 with
-  ``Retry-After``); nothing is queued for a rejected request.
+- ``admit`` reserves a queue slot before a request's body is decoded, or raises
+  :class:`QueueFullError` at once (429 with ``Retry-After``), so a full server refuses work
+  before spending CPU on it; ``submit`` turns the reservation into a queued request (or, without
+  one, checks the bound itself) and ``release`` frees an unused reservation. Nothing is queued
+  for a rejected request.
 - Requests of one stream are served in arrival order, one batch of a stream at a time.
   Consecutive requests of the same stream with the same ``adapt`` flag coalesce into one
   adaptation batch of at most ``max_batch`` images (a single larger request runs alone). When
@@ -38,6 +41,13 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+@dataclass
+class Ticket:
+    """A reserved queue slot; ``used`` once submitted or released."""
+
+    used: bool = False
 
 
 @dataclass
@@ -113,6 +123,7 @@ class Batcher(Generic[R]):
         self._pending: dict[StreamKey, deque[PendingRequest[R]]] = {}
         self._ready: asyncio.Queue[StreamKey] | None = None
         self._queued = 0
+        self._reserved = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tta-runner")
         self._task: asyncio.Task[None] | None = None
         self._busy_seconds = 0.05
@@ -121,6 +132,29 @@ class Batcher(Generic[R]):
     def depth(self) -> int:
         """Requests waiting (not yet running)."""
         return self._queued
+
+    @property
+    def reserved(self) -> int:
+        """Admitted requests still decoding (they hold a queue slot)."""
+        return self._reserved
+
+    def _refuse_when_full(self) -> None:
+        waiting = self._queued + self._reserved
+        if waiting >= self.max_queue:
+            retry = max(1.0, round(self._busy_seconds * waiting / max(self.max_batch, 1), 1))
+            raise QueueFullError(f"request queue is full ({waiting} waiting); retry later", retry_after=retry)
+
+    def admit(self) -> Ticket:
+        """Reserve a queue slot for a request about to be decoded; 429 at once when none is free."""
+        self._refuse_when_full()
+        self._reserved += 1
+        return Ticket()
+
+    def release(self, ticket: Ticket) -> None:
+        """Free a reservation that was not submitted (idempotent)."""
+        if not ticket.used:
+            ticket.used = True
+            self._reserved -= 1
 
     async def start(self) -> None:
         self._ready = asyncio.Queue()
@@ -142,16 +176,20 @@ class Batcher(Generic[R]):
         """Run other torch work (stream reset, state import) on the same worker thread, in order."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
+    async def submit(
+        self, record: StreamRecord, images: np.ndarray, adapt: bool, ticket: Ticket | None = None
+    ) -> tuple[R, slice]:
         """Queue ``images`` for the stream of ``record``; returns the batch result and this request's rows in it.
 
-        The registration travels with the request, so the worker never reads it again.
+        The registration travels with the request, so the worker never reads it again. With a
+        ``ticket`` from :meth:`admit` the slot is already held.
         """
         if self._ready is None:
             raise RuntimeError("batcher is not started")
-        if self._queued >= self.max_queue:
-            retry = max(1.0, round(self._busy_seconds * self._queued / max(self.max_batch, 1), 1))
-            raise QueueFullError(f"request queue is full ({self._queued} waiting); retry later", retry_after=retry)
+        if ticket is None or ticket.used:
+            self._refuse_when_full()
+        else:
+            self.release(ticket)
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
             record, images, adapt, time.monotonic() + self.timeout, loop.create_future()

@@ -1,9 +1,10 @@
 """Turn request payloads into one uint8 NHWC RGB batch, enforcing the input limits.
 
 Three payloads are accepted: image files (PNG, JPEG, WebP) from multipart or base64 JSON,
-and one ``.npy`` uint8 array (N x H x W x 3, or N x H x W for grayscale). Every image is
-checked *before* it is decoded (format, declared pixel count: decompression bombs never get
-allocated), turned upright by its EXIF orientation tag (phones store portrait photos as
+and one ``.npy`` uint8 array (N x H x W x 3, or N x H x W for grayscale). Every body is
+admitted from its headers *before* it is decoded (:mod:`tta_server.serving.admission`: format,
+image count, pixels per image and per request; decompression bombs never get allocated).
+Each image is turned upright by its EXIF orientation tag (phones store portrait photos as
 landscape pixels plus a tag), converted to RGB and fitted to the model's input size, so a batch
 always has a single shape. Errors name the offending image by its index.
 
@@ -16,27 +17,50 @@ whatever the mode, so 32x32 inputs of the CIFAR models reach the model bit-ident
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tta_server.errors import PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
+from tta_server.errors import UnsupportedMediaError
+from tta_server.serving.admission import AdmittedFiles, AdmittedNpy, InputLimits, admit_files, admit_npy
 from tta_server.zoo.transforms import ResizeMode, fit_geometry
 
-ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class InputLimits:
-    """Bounds on one request; from the settings."""
+class DecodePool:
+    """Where admitted bodies are decoded: at most ``threads`` at once, never on the event loop.
 
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_images: int = 256
-    max_pixels: int = 4096 * 4096
+    A bounded pool (rather than the default thread pool) keeps decoding from taking every core
+    from the model worker; admission already refused what would not fit the budget.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tta-decode")
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "DecodePool",
+    "InputLimits",
+    "decode_files",
+    "decode_image_files",
+    "decode_npy",
+    "decode_npy_batch",
+    "fit_image",
+]
 
 
 def fit_image(
@@ -74,6 +98,48 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def decode_files(
+    admitted: AdmittedFiles,
+    size: int,
+    *,
+    resize_mode: ResizeMode | str = ResizeMode.SQUASH,
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """Decode admitted images into (N, size, size, 3) uint8 RGB, upright by their EXIF orientation."""
+    resize_mode = ResizeMode(resize_mode)
+    out = np.empty((admitted.count, size, size, 3), dtype=np.uint8)
+    for i, blob in enumerate(admitted.blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                if image.size != admitted.sizes[i]:  # the bytes were admitted with this header
+                    raise OSError("image size changed after admission")
+                image.load()
+                out[i] = fit_image(_upright(image).convert("RGB"), size, resize_mode, fill)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+            raise UnsupportedMediaError(
+                f"image {i}: cannot be decoded as PNG, JPEG or WebP (corrupt or truncated data)", {"index": i}
+            ) from None
+    return out
+
+
+def decode_npy_batch(
+    admitted: AdmittedNpy,
+    size: int,
+    *,
+    resize_mode: ResizeMode | str = ResizeMode.SQUASH,
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """An admitted ``.npy`` batch as (N, size, size, 3) uint8; arrays carry no orientation tag (taken as upright)."""
+    resize_mode = ResizeMode(resize_mode)
+    order: Literal["F", "C"] = "F" if admitted.fortran_order else "C"
+    array = np.frombuffer(admitted.body, dtype=np.uint8, offset=admitted.offset).reshape(admitted.shape, order=order)
+    if admitted.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.shape[1:3] == (size, size):
+        return np.ascontiguousarray(array)
+    return np.stack([fit_image(Image.fromarray(a), size, resize_mode, fill) for a in array])
+
+
 def decode_image_files(
     blobs: Sequence[bytes],
     size: int,
@@ -82,31 +148,8 @@ def decode_image_files(
     resize_mode: ResizeMode | str = ResizeMode.SQUASH,
     fill: tuple[int, int, int] = (0, 0, 0),
 ) -> np.ndarray:
-    """Decode encoded images into (N, size, size, 3) uint8 RGB, upright by their EXIF orientation."""
-    resize_mode = ResizeMode(resize_mode)
-    _check_count(len(blobs), limits)
-    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
-    for i, blob in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as image:
-                if image.format not in ALLOWED_FORMATS:
-                    raise UnsupportedMediaError(
-                        f"image {i}: format {image.format} is not accepted; send PNG, JPEG or WebP",
-                        {"index": i, "format": image.format},
-                    )
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise PayloadTooLargeError(
-                        f"image {i}: {width}x{height} pixels exceeds the limit of {limits.max_pixels}",
-                        {"index": i, "width": width, "height": height, "max_pixels": limits.max_pixels},
-                    )
-                image.load()
-                out[i] = fit_image(_upright(image).convert("RGB"), size, resize_mode, fill)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise UnsupportedMediaError(
-                f"image {i}: cannot be decoded as PNG, JPEG or WebP ({exc})", {"index": i}
-            ) from None
-    return out
+    """Admit, then decode, encoded images (one call for callers that hold no admitted body)."""
+    return decode_files(admit_files(list(blobs), limits), size, resize_mode=resize_mode, fill=fill)
 
 
 def decode_npy(
@@ -117,36 +160,5 @@ def decode_npy(
     resize_mode: ResizeMode | str = ResizeMode.SQUASH,
     fill: tuple[int, int, int] = (0, 0, 0),
 ) -> np.ndarray:
-    """Read one ``.npy`` uint8 batch (N,H,W,3 or N,H,W) and fit it to (N, size, size, 3).
-
-    Arrays carry no orientation tag: they are taken as upright.
-    """
-    resize_mode = ResizeMode(resize_mode)
-    try:
-        array = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise RequestInvalidError(f"body is not a valid .npy array ({exc})") from None
-    if array.dtype != np.uint8:
-        raise RequestInvalidError(f".npy batch must be uint8, got {array.dtype}", {"dtype": str(array.dtype)})
-    if array.ndim == 3:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise RequestInvalidError(
-            f".npy batch must have shape N x H x W x 3 (or N x H x W), got {array.shape}", {"shape": list(array.shape)}
-        )
-    _check_count(array.shape[0], limits)
-    if array.shape[1] * array.shape[2] > limits.max_pixels:
-        raise PayloadTooLargeError(f"images of {array.shape[2]}x{array.shape[1]} exceed {limits.max_pixels} pixels")
-    if array.shape[1:3] == (size, size):
-        return np.ascontiguousarray(array)
-    return np.stack([fit_image(Image.fromarray(a), size, resize_mode, fill) for a in array])
-
-
-def _check_count(n: int, limits: InputLimits) -> None:
-    if n == 0:
-        raise RequestInvalidError("the request holds no images")
-    if n > limits.max_images:
-        raise PayloadTooLargeError(
-            f"{n} images in one request exceeds the limit of {limits.max_images}",
-            {"images": n, "max_images": limits.max_images},
-        )
+    """Admit, then read, one ``.npy`` uint8 batch (N,H,W,3 or N,H,W) fitted to (N, size, size, 3)."""
+    return decode_npy_batch(admit_npy(blob, limits), size, resize_mode=resize_mode, fill=fill)

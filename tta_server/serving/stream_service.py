@@ -171,21 +171,29 @@ class StreamService:
 
     # -- the hot path ---------------------------------------------------------------------
     async def predict(self, key: StreamKey, decode: Decoder, adapt: bool, top_k: int) -> PredictOutcome:
-        """Decode for the stream's model, queue, and wait for the batch that serves this request.
+        """Admit, decode for the stream's model, queue, and wait for the batch that serves this request.
 
-        Options in the body (JSON ``adapt``/``top_k``) win over the query's.
+        A queue slot is reserved before decoding (429 at once when none is free) and held until the
+        request is queued. Options in the body (JSON ``adapt``/``top_k``) win over the query's.
         """
         record = await self.record(key)
-        body = await decode(self.hub.catalogue.get(record.model))
-        adapt = body.adapt if body.adapt is not None else adapt
         try:
-            output, rows = await self.batcher.submit(record, body.images, adapt)
+            ticket = self.batcher.admit()  # a full queue refuses before the body is decoded
+        except QueueFullError:
+            self.metrics.queue_rejections.inc()
+            raise
+        try:
+            body = await decode(self.hub.catalogue.get(record.model))
+            adapt = body.adapt if body.adapt is not None else adapt
+            output, rows = await self.batcher.submit(record, body.images, adapt, ticket)
         except QueueFullError:
             self.metrics.queue_rejections.inc()
             raise
         except DeadlineExceededError:
             self.metrics.deadline_exceeded.inc()
             raise
+        finally:
+            self.batcher.release(ticket)
         return PredictOutcome(record, output, rows, body.top_k or top_k)
 
     # -- state management -----------------------------------------------------------------
