@@ -30,20 +30,23 @@ ONE_FORWARD = {"source", "bn", "alpha_bn", "unmix_tns", "adab2n", "tent"}
 """Methods whose whole fused call is a single forward pass of the model (with the test configs)."""
 
 
-def warmed_state(adapter: Adapter[Any], model: nn.Module, seed: int, steps: int = 3) -> StreamState:
+def warmed_state(
+    adapter: Adapter[Any], model: nn.Module, seed: int, steps: int = 3, device: str = "cpu"
+) -> StreamState:
     """A stream's state after a few steps of its own data (batch sizes 2, 1, 3, ...)."""
     state = adapter.init_state(model, seed=seed)
     for i, x in enumerate(batches(steps, size=3, seed=100 + seed)):
-        state = adapter.step(model, x[: 1 + (i + 1) % 3], state).state
+        state = adapter.step(model, x[: 1 + (i + 1) % 3].to(device), state).state
     return state
 
 
-def make_segments(adapter: Adapter[Any], model: nn.Module, round_: int = 0) -> list[Segment]:
+def make_segments(adapter: Adapter[Any], model: nn.Module, device: str = "cpu") -> list[Segment]:
     """Four streams: different data, states and batch sizes, the third one a dry run."""
     segments = []
     for i, (size, adapt) in enumerate(zip(SIZES, ADAPT, strict=True)):
-        x = batches(1, size=size, seed=200 + 10 * round_ + i)[0] * (1 + 0.3 * i)
-        segments.append(Segment(x, warmed_state(adapter, model, seed=i, steps=2 + i % 2), adapt))
+        x = batches(1, size=size, seed=200 + i)[0] * (1 + 0.3 * i)
+        state = warmed_state(adapter, model, seed=i, steps=2 + i % 2, device=device)
+        segments.append(Segment(x.to(device), state, adapt))
     return segments
 
 
@@ -211,4 +214,20 @@ def test_single_sample_bn1d_segments_keep_the_source(name: str) -> None:
     model = adapter.prepare(Head1d().eval())
     segments = make_segments(adapter, model)
     for want, got in zip(alone(adapter, model, segments), adapter.step_many(model, segments), strict=True):
+        assert_same_result(want, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_step_many_on_cuda_matches_each_stream_alone(name: str, norm: NormKind) -> None:
+    """The layout tensors and per-segment statistics follow the model's device."""
+    adapter = create_adapter(name, TEST_CONFIGS.get(name, {}))
+    model = adapter.prepare(tiny_model(norm).cuda())
+    aux = {role: adapter.prepare(tiny_model(norm, 100, width=12).cuda()) for role in adapter.auxiliary_models()}
+    if aux:
+        adapter.bind_auxiliary(aux)
+    segments = make_segments(adapter, model, device="cuda")
+    for want, got in zip(alone(adapter, model, segments), adapter.step_many(model, segments), strict=True):
+        assert got.logits.is_cuda
         assert_same_result(want, got)
