@@ -232,69 +232,75 @@ class BatchStatsNorm(StreamBatchNorm):
         return self.normalize_segments(x, mean, var)
 
 
-class _SegmentAffine:
-    """Per-call tensors of a GN/LN replacement: the layout and the segments' own affine (S, *shape)."""
+def _register_affine_buffers(module: nn.Module) -> None:
+    """The per-call tensors of a GN/LN twin (all None in the shared model): layout and per-segment affine."""
+    for name in ("segment_index", "segment_sizes", "segment_weight", "segment_bias"):
+        module.register_buffer(name, None)
+
+
+def _sample_index(index: torch.Tensor | None) -> torch.Tensor:
+    """The per-sample segment index of a fused call; a per-segment affine without it is a wiring bug."""
+    if index is None:
+        raise RuntimeError("a per-segment affine needs segment_index")
+    return index
+
+
+def _channel_view(
+    per_segment: torch.Tensor | None, shared: torch.Tensor | None, index: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor | None:
+    """A per-channel affine tensor shaped to broadcast over ``x``: each sample's segment's row, else the shared one."""
+    spatial = [1] * (x.dim() - 2)
+    if per_segment is not None:
+        return per_segment[index].reshape(x.shape[0], -1, *spatial)
+    return shared.reshape(1, -1, *spatial) if shared is not None else None
+
+
+class StreamGroupNorm(nn.GroupNorm):
+    """GroupNorm that can apply a per-segment affine; otherwise exactly the source layer."""
 
     segment_index: torch.Tensor | None
     segment_weight: torch.Tensor | None
     segment_bias: torch.Tensor | None
 
-    def _register_segment_buffers(self, module: nn.Module) -> None:
-        for name in ("segment_index", "segment_sizes", "segment_weight", "segment_bias"):
-            module.register_buffer(name, None)
-
-    def _segment_affine(self, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """y·w + b over dim 1, with each sample's segment affine where given (the shared one otherwise)."""
-        index = self.segment_index
-        if index is None:
-            raise RuntimeError("a per-segment affine needs segment_index")
-        spatial = [1] * (y.dim() - 2)
-        if self.segment_weight is not None:
-            y = y * self.segment_weight[index].reshape(y.shape[0], -1, *spatial)
-        elif weight is not None:
-            y = y * weight.reshape(1, -1, *spatial)
-        if self.segment_bias is not None:
-            y = y + self.segment_bias[index].reshape(y.shape[0], -1, *spatial)
-        elif bias is not None:
-            y = y + bias.reshape(1, -1, *spatial)
-        return y
-
-
-class StreamGroupNorm(_SegmentAffine, nn.GroupNorm):
-    """GroupNorm that can apply a per-segment affine; otherwise exactly the source layer."""
-
     def __init__(self, source: nn.GroupNorm) -> None:
         nn.GroupNorm.__init__(self, source.num_groups, source.num_channels, source.eps, source.affine)
         self.weight = source.weight
         self.bias = source.bias
-        self._register_segment_buffers(self)
+        _register_affine_buffers(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.segment_weight is None and self.segment_bias is None:
             return super().forward(input)
+        index = _sample_index(self.segment_index)
         y = F.group_norm(input, self.num_groups, None, None, self.eps)
-        return self._segment_affine(y, self.weight, self.bias)
+        weight = _channel_view(self.segment_weight, self.weight, index, input)
+        bias = _channel_view(self.segment_bias, self.bias, index, input)
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
 
 
 class StreamChannelLayerNorm(StreamGroupNorm, ChannelLayerNorm):
     """:class:`ChannelLayerNorm` (still an LN by type) that can apply a per-segment affine."""
 
 
-class StreamLayerNorm(_SegmentAffine, nn.LayerNorm):
+class StreamLayerNorm(nn.LayerNorm):
     """LayerNorm that can apply a per-segment affine over its normalized shape; otherwise the source layer."""
+
+    segment_index: torch.Tensor | None
+    segment_weight: torch.Tensor | None
+    segment_bias: torch.Tensor | None
 
     def __init__(self, source: nn.LayerNorm) -> None:
         nn.LayerNorm.__init__(self, source.normalized_shape, source.eps, source.elementwise_affine)
         self.weight = source.weight
         self.bias = source.bias
-        self._register_segment_buffers(self)
+        _register_affine_buffers(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.segment_weight is None and self.segment_bias is None:
             return super().forward(input)
-        index = self.segment_index
-        if index is None:
-            raise RuntimeError("a per-segment affine needs segment_index")
+        index = _sample_index(self.segment_index)
         y = F.layer_norm(input, self.normalized_shape, None, None, self.eps)
         sample_shape = (input.shape[0], *([1] * (input.dim() - len(self.normalized_shape) - 1)), *self.normalized_shape)
         weight = self.segment_weight[index].reshape(sample_shape) if self.segment_weight is not None else self.weight
