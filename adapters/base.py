@@ -67,8 +67,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from adapters.errors import AuxiliaryModelError, InvalidConfigError, UnsupportedModelError
+from adapters.errors import AuxiliaryModelError, InvalidConfigError, StateMismatchError, UnsupportedModelError
 from adapters.norms import NormKind, detect_norm_kinds
+from adapters.validation import check_same_tensors, check_step, check_values
 
 
 class MethodConfig(BaseModel):
@@ -233,6 +234,33 @@ class Adapter(ABC, Generic[ConfigT]):
         """Back to source, keeping step and version counters."""
         fresh = self.init_state(model, state.meta.seed, state.meta.model_hash)
         return StreamState(fresh.tensors, replace(state.meta, extra=fresh.meta.extra))
+
+    nan_markers: ClassVar[frozenset[str]] = frozenset()
+    """State tensors in which NaN means "no value yet" (accepted when a state is imported)."""
+
+    def check_state(self, state: StreamState, reference: StreamState, sample_shape: tuple[int, ...]) -> None:
+        """Raise :class:`StateMismatchError` unless ``state`` is one this method could have produced.
+
+        ``reference`` is the stream's source state (``init_state``); ``sample_shape`` is one
+        preprocessed input (C x H x W). The default wants exactly the reference's tensors, shapes
+        and dtypes, finite bounded values (NaN only in :attr:`nan_markers`), a sane step and the
+        reference's ``extra`` keys. Methods whose tensor set grows override it.
+        """
+        del sample_shape
+        check_same_tensors(state.tensors, reference.tensors)
+        check_values(state.tensors, self.nan_markers)
+        self.check_meta(state.meta, reference.meta)
+
+    def check_meta(self, meta: StateMeta, reference: StateMeta) -> None:
+        """The metadata part of :meth:`check_state`: step bounds and the method's own ``extra`` fields."""
+        check_step(meta.step)
+        if not isinstance(meta.extra, dict) or set(meta.extra) != set(reference.extra):
+            raise StateMismatchError(
+                f"state metadata 'extra' must have the keys {sorted(reference.extra)}, got {meta.extra!r:.200}"
+            )
+        for key, value in meta.extra.items():
+            if type(value) is not type(reference.extra[key]):
+                raise StateMismatchError(f"state metadata 'extra.{key}' must be {type(reference.extra[key]).__name__}")
 
     def auxiliary_models(self) -> dict[str, str]:
         """Role -> catalogue model name of the extra models this method needs (none by default)."""

@@ -72,7 +72,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters import replay
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
-from adapters.errors import AuxiliaryModelError
+from adapters.errors import AuxiliaryModelError, StateMismatchError
 from adapters.functional import (
     Tensors,
     bn_statistics,
@@ -105,6 +105,7 @@ from adapters.layers import (
 from adapters.norms import NormKind
 from adapters.registry import register
 from adapters.segments import FusedBatch, fused_or_stepped, segment_names, stacked
+from adapters.validation import check_fifo_buffer, check_same_tensors, check_values
 
 TEACHER_ROLE = "teacher"
 EDGE = "edge/"
@@ -280,7 +281,33 @@ class CEMA(Adapter[CEMAConfig]):
         super().__init__(config)
         self._teacher: nn.Module | None = None
 
+    nan_markers = frozenset({ENT_REF})
+
     # -- contract hooks -------------------------------------------------------------------------
+
+    def check_state(self, state: StreamState, reference: StreamState, sample_shape: tuple[int, ...]) -> None:
+        """Fixed tensors as the source state's; the buffers and the kept-probability EMA, which appear and grow,
+        checked by form.
+
+        The pending uploads never reach ``cloud_batch_size`` after a step (a full batch is consumed);
+        the replay history holds at most ``replay_buffer_size`` samples.
+        """
+        buffers = (PENDING, HISTORY)
+        fixed = {k: v for k, v in state.tensors.items() if not k.startswith(buffers) and k != PROB_EMA}
+        check_same_tensors(fixed, reference.tensors)
+        prob_ema = state.tensors.get(PROB_EMA)  # absent until the first samples were kept
+        if prob_ema is not None and (
+            prob_ema.dim() != 1
+            or not prob_ema.is_floating_point()
+            or not bool(((prob_ema >= 0) & (prob_ema <= 1)).all())
+        ):
+            raise StateMismatchError(f"tensor '{PROB_EMA}' must be a vector of probabilities")
+        check_values(fixed, self.nan_markers)
+        check_fifo_buffer(state.tensors, PENDING, self.config.cloud_batch_size, sample_shape)
+        check_fifo_buffer(state.tensors, HISTORY, self.config.replay_buffer_size, sample_shape)
+        buffer_values = {k: v for k, v in state.tensors.items() if k.startswith(buffers)}
+        check_values(buffer_values)
+        self.check_meta(state.meta, reference.meta)
 
     def auxiliary_models(self) -> dict[str, str]:
         """``{"teacher": name}`` when a teacher is configured; none when the edge teaches itself."""

@@ -155,6 +155,7 @@ class SAR(Adapter[SARConfig]):
     supported_norms = frozenset(NormKind)
     predicts = "before_update"
     batch_size_one = "GN/LN: the intended setting (double lr as the reference); BN: instance normalization (poor)"
+    nan_markers = frozenset({EMA})
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""

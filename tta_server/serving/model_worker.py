@@ -174,7 +174,8 @@ class ModelWorker:
         setup = self._setup_of(record)
         incoming = state_from_bytes(blob, device=self.hub.device)
         reference = setup.adapter.init_state(setup.model, record.seed, setup.loaded.sha256)
-        check_state_fits(incoming, reference, record)
+        size = setup.spec.input_size
+        check_state_fits(incoming, reference, record, setup.adapter, (3, size, size))
         _, version, seen = self.current_state(record, setup)
         new_version = self.store.save_state(record.key, incoming, version, seen)
         return incoming.meta.step, new_version

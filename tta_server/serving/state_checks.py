@@ -7,15 +7,26 @@ that method keeps.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from adapters.base import StreamState
+from adapters.base import Adapter, StreamState
 from adapters.errors import StateMismatchError
 from tta_server.state.base import StreamRecord
 
 
-def check_state_fits(incoming: StreamState, reference: StreamState, record: StreamRecord) -> None:
-    """Refuse a state made for another method, config or model, or with other tensors."""
+def check_state_fits(
+    incoming: StreamState,
+    reference: StreamState,
+    record: StreamRecord,
+    adapter: Adapter[Any],
+    sample_shape: tuple[int, ...],
+) -> None:
+    """Refuse a state made for another method, config, seed or model, or one the method could not have made.
+
+    ``reference`` is the stream's source state; the method itself judges its tensors and
+    metadata (:meth:`adapters.base.Adapter.check_state`: names, shapes, dtypes, bounded finite
+    values, NaN only where it means "no value yet", a sane step, its own ``extra`` fields).
+    """
     meta = incoming.meta
     if meta.method != record.method:
         raise StateMismatchError(f"state was made by method '{meta.method}', the stream uses '{record.method}'")
@@ -26,15 +37,6 @@ def check_state_fits(incoming: StreamState, reference: StreamState, record: Stre
         )
     if meta.config != reference.meta.config:
         raise StateMismatchError(f"state was made with config {meta.config}, the stream uses {reference.meta.config}")
-    missing = sorted(set(reference.tensors) - set(incoming.tensors))
-    extra = sorted(set(incoming.tensors) - set(reference.tensors))
-    if missing or extra:
-        raise StateMismatchError(f"state tensors differ: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, ref in reference.tensors.items():
-        got = incoming.tensors[name]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            raise StateMismatchError(
-                f"tensor '{name}' is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
-            )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise StateMismatchError(f"tensor '{name}' holds NaN or infinite values")
+    if meta.seed != record.seed:
+        raise StateMismatchError(f"state was made with seed {meta.seed}, the stream uses seed {record.seed}")
+    adapter.check_state(incoming, reference, sample_shape)
