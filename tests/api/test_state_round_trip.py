@@ -54,7 +54,7 @@ def step(client: TestClient, stream_id: str, seed: int) -> list[list[float]]:
 def export(client: TestClient, stream_id: str) -> bytes:
     r = client.get(f"/v1/streams/{stream_id}/state")
     assert r.status_code == 200, r.text
-    return r.content
+    return bytes(r.content)
 
 
 def same_state(a: bytes, b: bytes) -> None:
