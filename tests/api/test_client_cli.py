@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tests.api.helpers import encode, random_images
-from tta_client.cli import build_parser, main
+from tta_client.cli import build_parser, load, main
 from tta_client.cli.common import percentile, retry_policy
 from tta_client.cli.corruption import MODULE, Corruptions, load_corruptions
 from tta_client.cli.datasets import DatasetError, label_map, load_dataset
 from tta_client.cli.plot import Curve, plot_replay
+from tta_client.errors import QueueFull
 
 
 def test_npz_and_image_folder_datasets(tiny_npz: Path, tmp_path: Path) -> None:
@@ -124,3 +127,54 @@ def test_missing_cli_dependencies_are_named(
 def test_too_many_workers_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["load", "--streams", "100", "--concurrency", "100", "--url", "http://127.0.0.1:9"])
     assert status == 2 and "exceeds" in capsys.readouterr().err
+
+
+class QueueFullAtFirst:
+    """A stand-in AsyncTTAClient whose first ``full`` predictions answer 429 (Retry-After 0)."""
+
+    def __init__(self, full: int) -> None:
+        self.full = full
+        self.calls = 0
+
+    def __call__(self, *args: object, **kwargs: object) -> QueueFullAtFirst:
+        return self
+
+    async def __aenter__(self) -> QueueFullAtFirst:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def create_stream(self, *args: object, stream_id: str, **kwargs: object) -> SimpleNamespace:
+        return SimpleNamespace(stream_id=stream_id)
+
+    async def delete_stream(self, stream_id: str) -> None:
+        return None
+
+    async def predict(self, stream_id: str, batch: np.ndarray, **kwargs: object) -> SimpleNamespace:
+        self.calls += 1
+        if self.calls <= self.full:
+            raise QueueFull(429, "queue_full", "request queue is full", retry_after=0.0)
+        return SimpleNamespace(batch_images=len(batch), predictions=list(range(len(batch))))
+
+
+LOAD = ["load", "--streams", "2", "--batch-size", "2", "--requests", "6", "--duration", "5", "--json", "-"]
+
+
+def test_load_waits_out_429_during_warm_up(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = QueueFullAtFirst(full=3)
+    monkeypatch.setattr(load, "AsyncTTAClient", fake)
+    assert main(LOAD) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] == 6 and report["warmup_errors"] == {} and fake.calls == 3 + 2 + 6
+
+
+def test_load_prints_the_report_when_warm_up_never_gets_in(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(load, "AsyncTTAClient", QueueFullAtFirst(full=10**6))
+    assert main(LOAD) == 1  # nothing succeeded: still a report, and the reason in it
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["warmup_errors"] == {"queue_full": 2} and report["errors"] == {"queue_full": 6}
+    assert "warm-up errors" in out.err

@@ -4,7 +4,8 @@ Each stream is one simulated camera: ``--concurrency`` requests in flight at a t
 default, so a stream's batches arrive in order as a real camera's would). The run stops at
 ``--duration`` seconds or after ``--requests`` requests, whichever comes first: both are
 always bounded. Retries are off by default so that 429s are counted, not hidden: a load
-test measures what the server does when it is full.
+test measures what the server does when it is full. Warm-up requests (untimed) do wait out a
+429 (``Retry-After``, a few tries); whatever they still fail with is reported, never fatal.
 
 Latency is measured at the client (queueing, batching, adaptation and the network);
 ``batch_images`` from the answers shows how much the server coalesced.
@@ -39,9 +40,13 @@ from tta_client.cli.common import (
     retry_policy,
 )
 from tta_client.cli.datasets import DatasetError, UInt8Array, load_dataset
-from tta_client.errors import TTAClientError
+from tta_client.errors import QueueFull, TTAClientError
 
 MAX_WORKERS = 1024
+WARMUP_ATTEMPTS = 5
+"""Tries per warm-up request while the server answers 429."""
+WARMUP_MAX_WAIT_S = 5.0
+"""Longest wait between warm-up tries, whatever ``Retry-After`` says."""
 
 
 def add_parser(sub: Any) -> None:
@@ -74,6 +79,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     batch_images: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    warmup_errors: Counter[str] = field(default_factory=Counter)
     images: int = 0
     sent: int = 0
 
@@ -95,6 +101,24 @@ def batches(args: argparse.Namespace) -> list[UInt8Array]:
     return [pixels[i : i + args.batch_size] for i in range(0, len(pixels) - args.batch_size + 1, args.batch_size)]
 
 
+async def warm_up(api: AsyncTTAClient, stream_id: str, batch: UInt8Array, adapt: bool, tally: Tally) -> None:
+    """One untimed request. A full queue (429) is what a load test runs into, so it is waited out
+    (``Retry-After``, capped) up to :data:`WARMUP_ATTEMPTS` times; a warm-up that still fails is
+    counted in ``tally.warmup_errors`` and the run goes on, so the report is always printed."""
+    for attempt in range(1, WARMUP_ATTEMPTS + 1):
+        try:
+            await api.predict(stream_id, batch, adapt=adapt, top_k=1)
+            return
+        except QueueFull as exc:
+            if attempt == WARMUP_ATTEMPTS:
+                tally.warmup_errors[exc.code] += 1
+                return
+            await asyncio.sleep(min(WARMUP_MAX_WAIT_S, exc.retry_after if exc.retry_after is not None else 0.5))
+        except TTAClientError as exc:
+            tally.warmup_errors[exc.code] += 1
+            return
+
+
 async def drive(
     api: AsyncTTAClient, stream_ids: list[str], pool: list[UInt8Array], args: argparse.Namespace
 ) -> tuple[Tally, float]:
@@ -104,10 +128,8 @@ async def drive(
     request builds its state, which is not what a steady-state measurement is about).
     """
     adapt = not args.no_adapt
-    await asyncio.gather(
-        *(api.predict(s, pool[0], adapt=adapt, top_k=1) for s in stream_ids for _ in range(args.warmup))
-    )
     tally = Tally()
+    await asyncio.gather(*(warm_up(api, s, pool[0], adapt, tally) for s in stream_ids for _ in range(args.warmup)))
     started = time.perf_counter()
     deadline = started + args.duration
 
@@ -189,6 +211,7 @@ def summarize(tally: Tally, elapsed: float, args: argparse.Namespace) -> dict[st
         "requests": tally.sent,
         "ok": ok,
         "errors": dict(tally.errors),
+        "warmup_errors": dict(tally.warmup_errors),
         "images": tally.images,
         "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else None,
         "images_per_s": round(tally.images / elapsed, 2) if elapsed > 0 else None,
@@ -211,6 +234,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     rows = [
         ("requests (ok / sent)", f"{report['ok']} / {report['requests']}"),
         ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),
+        ("warm-up errors", ", ".join(f"{k}: {v}" for k, v in report["warmup_errors"].items()) or "none"),
         ("duration", f"{report['seconds']:.2f} s"),
         ("throughput", f"{report['requests_per_s']} req/s, {report['images_per_s']} images/s"),
         *(
