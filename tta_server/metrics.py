@@ -56,6 +56,10 @@ first error); list it here so that its alert and dashboard panel see a 0 before 
 """
 
 
+EVICTION_REASONS = ("lru", "ttl")
+"""The ``reason`` values of ``tta_streams_evicted_total`` (the memory store's), each exported at 0."""
+
+
 def _version(distribution: str) -> str:
     """The installed version of ``distribution``, or ``unknown`` (e.g. running from a bare checkout)."""
     try:
@@ -112,6 +116,12 @@ class Metrics:
             "tta_resets_total", "stream resets (collapse recovery or API)", ["model", "method", "reason"], registry=r
         )
         self.active_streams = Gauge("tta_active_streams", "streams registered in this process's store", registry=r)
+        self.streams_evicted = Counter(
+            "tta_streams_evicted_total",
+            "streams the memory store dropped, state and all: lru = over memory_max_streams, ttl = idle past memory_ttl_s",
+            ["reason"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "tta_store_errors_total", "failed state store operations", ["operation"], registry=r
         )
@@ -172,6 +182,8 @@ class Metrics:
         PlatformCollector(registry=r)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
+        for reason in EVICTION_REASONS:
+            self.streams_evicted.labels(reason)
 
     def track_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         """Read a gauge's value from ``fn`` at scrape time."""

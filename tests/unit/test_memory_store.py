@@ -47,3 +47,33 @@ def test_state_summaries_describe_without_touching() -> None:
     assert (summary.version, summary.steps, summary.samples_seen, summary.state_bytes) == (1, 3, 12, 16)
     now[0] = 11.0  # describing is not using: the idle TTL was not refreshed
     assert store.state_summaries([with_state]) == {} and store.count() == 0
+
+
+def test_every_eviction_is_logged_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    evicted: list[tuple[StreamKey, str]] = []
+    store = MemoryStateStore(
+        max_streams=2, ttl_seconds=10, clock=lambda: now[0], on_evict=lambda k, why: evicted.append((k, why))
+    )
+    with caplog.at_level("WARNING", logger="tta_server.state.memory"):
+        for sid in ("a", "b", "c"):  # c pushes a out
+            store.create_stream(record("acme", sid))
+        now[0] = 11  # b and c idle past the TTL
+        assert store.count() == 0
+    assert evicted == [(StreamKey("acme", "a"), "lru"), (StreamKey("acme", "b"), "ttl"), (StreamKey("acme", "c"), "ttl")]
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 3 and "acme/a" in lines[0] and "(lru)" in lines[0] and "memory_max_streams" in lines[0]
+    assert "acme/b" in lines[1] and "(ttl)" in lines[1] and "memory_ttl_s" in lines[1]
+
+
+def test_the_server_counts_evictions_by_reason() -> None:
+    from tta_server.metrics import Metrics
+    from tta_server.state.factory import StoreOptions, open_store
+
+    metrics = Metrics()
+    store = open_store(StoreOptions(memory_max_streams=1), metrics)
+    assert b'tta_streams_evicted_total{reason="lru"} 0.0' in metrics.render()
+    assert b'tta_streams_evicted_total{reason="ttl"} 0.0' in metrics.render()
+    store.create_stream(record("t", "a"))
+    store.create_stream(record("t", "b"))
+    assert b'tta_streams_evicted_total{reason="lru"} 1.0' in metrics.render()

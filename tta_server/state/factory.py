@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tta_server.metrics import Metrics
-from tta_server.state.base import StateStore
-from tta_server.state.memory import MemoryStateStore
+from tta_server.state.base import StateStore, StreamKey
+from tta_server.state.memory import EvictionReason, MemoryStateStore
 from tta_server.state.write_policy import WriteMode, WritePolicy
 
 
@@ -48,14 +48,22 @@ def open_store(
 ) -> StateStore:
     """A store for ``options.url`` (``memory://``, ``redis://``, ``rediss://``).
 
-    ``metrics`` lets the Redis store count failed writes and report pending states;
+    ``metrics`` lets the Redis store count failed writes and report pending states, and the
+    memory store count the streams it evicts (``tta_streams_evicted_total``);
     ``device`` is where loaded states' tensors are placed (the model worker's device).
     """
     if not isinstance(options, StoreOptions):
         options = options.store_options()
     url = options.url
     if url.startswith("memory://"):
-        return MemoryStateStore(options.memory_max_streams, options.memory_ttl_s)
+        on_evict = None
+        if metrics is not None:
+            evicted = metrics.streams_evicted
+
+            def on_evict(_: StreamKey, reason: EvictionReason) -> None:
+                evicted.labels(reason).inc()
+
+        return MemoryStateStore(options.memory_max_streams, options.memory_ttl_s, on_evict=on_evict)
     if url.startswith(("redis://", "rediss://")):
         from tta_server.state.redis import RedisStateStore
 

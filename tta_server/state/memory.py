@@ -2,17 +2,21 @@
 
 States are kept as objects (no serialization), so the hot path costs a dict lookup. The
 bound protects the process: when ``max_streams`` is exceeded the least recently used stream
-is dropped, and a stream idle for longer than ``ttl_seconds`` expires. Both are documented
-as data loss for that stream, which is why replicas and restarts need the Redis store.
+is dropped, and a stream idle for longer than ``ttl_seconds`` expires. Both are data loss for
+that stream (it answers 404 afterwards), which is why replicas and restarts need the Redis
+store; so neither is silent: each is logged as a warning naming the stream and the reason,
+and reported to ``on_evict`` (the server counts it as ``tta_streams_evicted_total{reason}``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from adapters.base import StreamState
 from tta_server.state.base import (
@@ -24,6 +28,11 @@ from tta_server.state.base import (
     StreamRecord,
     VersionConflictError,
 )
+
+log = logging.getLogger(__name__)
+
+EvictionReason = Literal["lru", "ttl"]
+"""Why a stream was dropped: ``lru`` over ``max_streams``, ``ttl`` idle past ``ttl_seconds``."""
 
 
 @dataclass
@@ -43,10 +52,14 @@ class MemoryStateStore:
         max_streams: int = 10_000,
         ttl_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[StreamKey, EvictionReason], None] | None = None,
     ) -> None:
+        """``on_evict`` is called for every dropped stream, under the store's lock: it must be quick
+        and must not call the store (the server's increments a counter)."""
         self.max_streams = max_streams
         self.ttl_seconds = ttl_seconds
         self._clock = clock
+        self._on_evict = on_evict
         self._entries: OrderedDict[StreamKey, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.evictions = 0
@@ -63,7 +76,17 @@ class MemoryStateStore:
         stale = [k for k, e in self._entries.items() if now - e.last_access > self.ttl_seconds]
         for key in stale:
             del self._entries[key]
-            self.evictions += 1
+            self._evicted(key, "ttl")
+
+    def _evicted(self, key: StreamKey, reason: EvictionReason) -> None:
+        self.evictions += 1
+        if reason == "ttl":
+            why = f"idle for more than {self.ttl_seconds:g} s (memory_ttl_s)"
+        else:
+            why = f"least recently used beyond {self.max_streams} streams (memory_max_streams)"
+        log.warning("memory store dropped stream %s/%s and its state (%s): %s", key.tenant, key.stream_id, reason, why)
+        if self._on_evict is not None:
+            self._on_evict(key, reason)
 
     def _touch(self, key: StreamKey) -> _Entry:
         now = self._clock()
@@ -83,8 +106,8 @@ class MemoryStateStore:
                 raise StreamExistsError(f"stream '{record.key.stream_id}' already exists")
             self._entries[record.key] = _Entry(record, None, now)
             while len(self._entries) > self.max_streams:
-                self._entries.popitem(last=False)
-                self.evictions += 1
+                evicted, _ = self._entries.popitem(last=False)
+                self._evicted(evicted, "lru")
 
     def get_stream(self, key: StreamKey) -> StreamRecord:
         with self._lock:
@@ -127,5 +150,7 @@ class MemoryStateStore:
         return {k: StateSummary.of(e.stored) for k, e in entries.items() if e is not None and e.stored is not None}
 
     def count(self) -> int:
+        """Live streams: expired ones are dropped (and reported) first, so the gauge never counts them."""
         with self._lock:
+            self._expire(self._clock())
             return len(self._entries)
