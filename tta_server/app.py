@@ -21,21 +21,22 @@ whole path with the module that owns each step.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError
-from tta_server.api import health, methods_routes, models_routes, predict, streams
-from tta_server.api.deps import Services, StartupStatus
+from tta_server.api import docs_routes, health, methods_routes, models_routes, predict, streams, v2
+from tta_server.api.deps import Services, StartupStatus, require_key
 from tta_server.errors import (
     ConflictError,
     NotFoundError,
@@ -43,9 +44,12 @@ from tta_server.errors import (
     RequestInvalidError,
     ServiceError,
     StoreDownError,
+    UnauthorizedError,
 )
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
+from tta_server.observability import tracing
+from tta_server.observability.request_id import RequestIdMiddleware, current_request_id
 from tta_server.serving.batcher import Batcher
 from tta_server.serving.decode import DecodePool, InputLimits
 from tta_server.serving.drift import DriftTracker
@@ -57,6 +61,7 @@ from tta_server.state.base import (
     StoreUnavailableError,
     StreamExistsError,
     StreamNotFoundError,
+    StreamRecord,
     VersionConflictError,
 )
 from tta_server.state.factory import open_store
@@ -91,26 +96,35 @@ def to_service_error(exc: Exception) -> ServiceError | None:
     return None
 
 
-def respond(error: ServiceError) -> JSONResponse:
-    """The one JSON error shape for ``error`` (with ``Retry-After`` for a full queue)."""
+def respond(error: ServiceError, path: str = "") -> JSONResponse:
+    """The one JSON error shape for ``error`` (with ``Retry-After`` for a full queue).
+
+    Under ``/v2`` the same error is answered in the Open Inference Protocol's shape
+    (:func:`tta_server.api.v2.error_answer`): V2 clients read ``{"error": "<message>"}``.
+    """
     headers = {"Retry-After": str(int(error.retry_after + 0.999))} if isinstance(error, QueueFullError) else None
+    if isinstance(error, UnauthorizedError):
+        headers = {"WWW-Authenticate": error.challenge}
+    if v2.is_v2(path):
+        status, body = v2.error_answer(error.status_code, error.message)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
-def error_response(exc: Exception) -> JSONResponse:
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
     """The answer to any exception: its HTTP meaning, or a logged 500 that names only the exception type."""
     mapped = to_service_error(exc)
     if mapped is None:
         log.exception("unhandled error", exc_info=exc)
         mapped = ServiceError(f"internal error: {type(exc).__name__}")
-    return respond(mapped)
+    return respond(mapped, path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map service, store, adapter, validation and HTTP errors to the one error shape."""
 
-    async def _any_error(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+    async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     mapped_errors: tuple[type[Exception], ...] = (
         Exception,
@@ -126,18 +140,21 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(cls, _any_error)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         fields = "; ".join(".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in errors)
-        return respond(RequestInvalidError(f"invalid request: {fields}", errors))
+        return respond(RequestInvalidError(f"invalid request: {fields}", errors), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # a body the framework could not parse (bad encoding, broken form)
-            return respond(RequestInvalidError(f"malformed request body: {exc.detail}"))
+            return respond(RequestInvalidError(f"malformed request body: {exc.detail}"), request.url.path)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if v2.is_v2(request.url.path):
+            status, body = v2.error_answer(exc.status_code, str(exc.detail))
+            return JSONResponse(body, status_code=status, headers=exc.headers)
         return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail), "detail": None}},
+            {"error": {"code": code, "message": str(exc.detail), "detail": None, "request_id": current_request_id()}},
             status_code=exc.status_code,
             headers=exc.headers,  # 405 carries Allow
         )
@@ -156,7 +173,7 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
         try:
             response = await call_next(request)
         except Exception as exc:
-            response = error_response(exc)
+            response = error_response(exc, request.url.path)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
@@ -165,6 +182,11 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/metrics", include_in_schema=False)
     def _metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def fusion_group(record: StreamRecord) -> Hashable:
+    """Streams that one ``adapter.step_many`` call can serve together: same model, method and config."""
+    return record.model, record.method, json.dumps(record.config, sort_keys=True)
 
 
 def build_services(settings: Settings) -> Services:
@@ -176,17 +198,19 @@ def build_services(settings: Settings) -> Services:
     observers = Observers([MetricsObserver(metrics), DriftObserver(drift, metrics)], metrics)
     worker = ModelWorker(hub, store, observers)
 
-    def on_batch(images: int, requests: int) -> None:
+    def on_batch(images: int, requests: int, streams: int) -> None:
         metrics.batch_images.observe(images)
         metrics.batch_requests.observe(requests)
+        metrics.batch_streams.observe(streams)
 
     batcher: Batcher[BatchOutput] = Batcher(
-        worker.run_batch,
+        worker.run_jobs,
         max_batch=settings.max_batch_size,
         max_delay=settings.max_delay_ms / 1000,
         max_queue=settings.max_queue,
         timeout=settings.request_timeout_s,
         on_batch=on_batch,
+        group_of=fusion_group if settings.fuse_streams else None,
     )
     streams = StreamService(hub, store, worker, batcher, drift, metrics)
     metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)
@@ -217,15 +241,26 @@ def create_app(settings: Settings) -> FastAPI:
         services.decoder.close()
         services.streams.close()
 
+    # the catalogue and the docs answer without a key unless the settings say otherwise (docs/operations.md)
+    keyed_catalogue = settings.require_key_for_catalog_and_docs and bool(settings.api_keys)
     app = FastAPI(
         title="tta-server",
         version="0.1.0",
         summary="Test-time adaptation inference: per-stream adapted predictions under distribution shift.",
         lifespan=lifespan,
+        **docs_routes.fastapi_docs_urls(keyed_catalogue),
     )
     app.state.services = services
     install_error_handlers(app)
     install_metrics(app, services.metrics)
-    for router in (health.router, models_routes.router, methods_routes.router, streams.router, predict.router):
-        app.include_router(router)
+    tracing.configure(settings.tracing)
+    app.add_middleware(tracing.TracingMiddleware)  # passes through while tracing is off
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, log line and span has the id
+    routers = (health.router, models_routes.router, methods_routes.router, streams.router, predict.router, v2.router)
+    catalogue = (models_routes.router, methods_routes.router)
+    for router in routers:
+        guard = [Depends(require_key)] if keyed_catalogue and router in catalogue else None
+        app.include_router(router, dependencies=guard)
+    if keyed_catalogue:
+        app.include_router(docs_routes.guarded_docs_router(app))
     return app

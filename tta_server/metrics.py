@@ -48,6 +48,7 @@ STORE_OPERATIONS = (
     "flush",
     "flush_conflict",
     "version_conflict",
+    "replica_wait",
 )
 """The ``operation`` values of ``tta_store_errors_total``, each exported at 0 from the start.
 
@@ -93,7 +94,13 @@ class Metrics:
             "tta_deadline_exceeded_total", "requests failed with 504 before running", registry=r
         )
         self.batch_images = Histogram(
-            "tta_batch_images", "images per adaptation batch", buckets=BATCH_BUCKETS, registry=r
+            "tta_batch_images", "images per batch (all fused streams together)", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_streams = Histogram(
+            "tta_batch_streams",
+            "streams fused into one batch (one forward pass; 1 when fusion is off or nothing could join)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
             "tta_batch_requests", "requests coalesced per adaptation batch", buckets=BATCH_BUCKETS, registry=r
@@ -124,6 +131,12 @@ class Metrics:
         )
         self.store_errors = Counter(
             "tta_store_errors_total", "failed state store operations", ["operation"], registry=r
+        )
+        self.store_cache = Counter(
+            "tta_store_cache_total",
+            "state loads by the Redis store: hit = served by the hot cache (no state bytes read), miss = read from Redis",
+            ["result"],
+            registry=r,
         )
         self.observer_errors = Counter(
             "tta_observer_errors_total",
@@ -182,6 +195,8 @@ class Metrics:
         PlatformCollector(registry=r)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
+        for result in ("hit", "miss"):
+            self.store_cache.labels(result)
         for reason in EVICTION_REASONS:
             self.streams_evicted.labels(reason)
 

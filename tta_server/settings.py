@@ -25,10 +25,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     store_url: str = Field(
         "memory://",
-        description="state store: memory:// (embedded), redis://[user:password@]host:port/db, rediss:// (TLS)",
+        description="state store: memory:// (embedded), redis://[user:password@]host:port/db, rediss:// (TLS), "
+        "redis+cluster://host:port[,host:port...] (Redis Cluster; rediss+cluster:// with TLS)",
     )
     device: DeviceChoice = DeviceChoice.AUTO
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line for every log, the access log included"
+    )
+    tracing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="OpenTelemetry spans (needs the otel extra); auto: on when OTEL_TRACES_EXPORTER or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set",
+    )
     models_dir: Path = Field(Path("../shared/models"), description="folder of third-party weights")
     data_dir: Path = Field(Path("../shared/data"), description="folder of datasets for eval and replay")
     model_config_file: Path | None = Field(None, description="JSON file of bring-your-own model entries")
@@ -38,7 +47,12 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="images per adaptation batch")
-    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="wait for more requests of a stream")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="wait for more images while requests that could join are being decoded"
+    )
+    fuse_streams: bool = Field(
+        True, description="run batches of different streams of one model, method and config in one forward pass"
+    )
     max_queue: int = Field(256, ge=1, le=1_000_000, description="waiting requests before 429")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="queue deadline per request (504)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
@@ -64,6 +78,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=1, description="redis store: connection pool size")
     redis_timeout_s: float = Field(2.0, gt=0, le=60, description="redis store: connect and socket timeout")
     redis_retry_s: float = Field(1.0, gt=0, le=60, description="redis store: probe interval while Redis is down")
+    redis_wait_replicas: int = Field(
+        0, ge=0, le=16, description="redis store: acknowledge a state write once this many replicas have it (WAIT)"
+    )
     drift_sample_every: int = Field(10, ge=0, description="run the source model every N batches (0 = never)")
     torch_threads: int | None = Field(
         None, ge=1, le=512, description="torch CPU threads of the model worker (default: torch's choice, all cores)"
@@ -71,6 +88,10 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(
         default_factory=dict,
         description='API key -> tenant, e.g. {"k1": "acme"}; tenant "*" is admin; empty = auth off',
+    )
+    require_key_for_catalog_and_docs: bool = Field(
+        False,
+        description="with api_keys set, /v1/models, /v1/methods, /docs, /redoc and /openapi.json need a key too",
     )
 
     @field_validator("api_keys")
@@ -86,12 +107,19 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, v: str) -> str:
-        if not v.startswith(("memory://", "redis://", "rediss://")):
+        if not v.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
             shown = v.rsplit("@", maxsplit=1)[-1]  # never echo credentials
-            raise ValueError(f"unsupported state store URL {shown!r}; use memory://, redis:// or rediss://")
+            raise ValueError(
+                f"unsupported state store URL {shown!r}; "
+                "use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://"
+            )
+        if "+cluster://" in v:
+            from tta_server.state.redis.connect import parse_cluster_url
+
+            parse_cluster_url(v)  # seeds must be host:port, database 0; the error names no credentials
         return v
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", "tracing", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -111,4 +139,5 @@ class Settings(BaseSettings):
             redis_max_connections=self.redis_max_connections,
             redis_timeout_s=self.redis_timeout_s,
             redis_retry_s=self.redis_retry_s,
+            redis_wait_replicas=self.redis_wait_replicas,
         )

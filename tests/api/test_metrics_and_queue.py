@@ -1,23 +1,34 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from fastapi.testclient import TestClient
 
 from tests.api.helpers import NPY, npy_bytes, random_images
 from tta_server.api.deps import Services
 from tta_server.app import create_app
+from tta_server.serving.batcher import Job, JobResults
 from tta_server.serving.model_worker import BatchOutput
 from tta_server.settings import Settings
-from tta_server.state.base import StreamRecord
+
+
+def wait_for_metric(client: TestClient, name: str, seconds: float = 30.0) -> str:
+    """/metrics once ``name`` appears in it (deferred observers run just after the answer)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = client.get("/metrics").text
+        if name in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.01)
 
 
 def test_metrics_exported_in_base_units(client: TestClient) -> None:
     client.post("/v1/streams", json={"model": "resnet20", "method": "bn", "stream_id": "m"})
     client.post("/v1/streams/m/predict", content=npy_bytes(random_images(4)), headers=NPY)
-    text = client.get("/metrics").text
+    text = wait_for_metric(client, "tta_bn_statistics_shift_bucket")  # drift is observed after the answer
     for name in (
         'tta_http_requests_total{http_method="POST",route="/v1/streams/{stream_id}/predict",status="200"} 1.0',
         "tta_http_request_duration_seconds_bucket",
@@ -40,14 +51,14 @@ def test_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
     app = create_app(settings.model_copy(update={"max_queue": 1, "max_delay_ms": 0}))
     services: Services = app.state.services
     release, running = threading.Event(), threading.Event()
-    original = services.streams.worker.run_batch
+    original = services.streams.worker.run_jobs
 
-    def slow(record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
+    def slow(jobs: Sequence[Job]) -> JobResults[BatchOutput]:
         running.set()
         release.wait(30)
-        return original(record, images, adapt)
+        return original(jobs)
 
-    services.streams.batcher._run_batch = slow
+    services.streams.batcher._run_jobs = slow
     with TestClient(app) as c:
         c.post("/v1/streams", json={"model": "resnet20", "method": "bn", "stream_id": "q"})
         body = npy_bytes(random_images(1))

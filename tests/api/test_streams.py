@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,7 +167,9 @@ def test_drift_endpoint_reports_windows(client: TestClient) -> None:
     create(client, stream_id="d")
     images = np.concatenate([random_images(8, seed=s) for s in range(3)])
     client.post("/v1/streams/d/predict", content=npy_bytes(images), headers=NPY)
-    drift = client.get("/v1/streams/d/drift").json()
+    deadline = time.monotonic() + 30  # drift is observed just after the answer
+    while (drift := client.get("/v1/streams/d/drift").json())["lifetime_images"] < 24 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert drift["short"]["images"] == 24 and drift["lifetime_images"] == 24
     assert 0 <= drift["short"]["entropy_mean"] <= np.log(10) + 1e-6
     assert 0 < drift["short"]["confidence_mean"] <= 1

@@ -4,13 +4,14 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
 from tta_server.errors import DeadlineExceededError, QueueFullError
-from tta_server.serving.batcher import Batcher, PendingRequest, take_batch
+from tta_server.serving.batcher import Batcher, Job, JobResults, PendingRequest, RunJobs, take_batch
 from tta_server.state.base import StreamKey, StreamRecord
 
 A = StreamRecord(StreamKey("t", "a"), "m", "source", {}, 0)
@@ -42,6 +43,26 @@ def test_take_batch_takes_an_oversized_request_alone_and_drops_expired() -> None
     assert [r.size for r in batch] == [10] and len(queue) == 1
 
 
+R = TypeVar("R")
+
+
+def per_job(fn: Callable[[StreamRecord, np.ndarray, bool], R]) -> RunJobs[R]:
+    """A ``run_jobs`` that runs ``fn`` per job (errors per job, as the model worker reports them)."""
+
+    def run(jobs: Sequence[Job]) -> JobResults[R]:
+        if len(jobs) == 1:
+            return JobResults([fn(jobs[0].record, jobs[0].images, jobs[0].adapt)])
+        out: list[R | BaseException] = []
+        for job in jobs:
+            try:
+                out.append(fn(job.record, job.images, job.adapt))
+            except Exception as exc:
+                out.append(exc)
+        return JobResults(out)
+
+    return run
+
+
 def _run(coro_fn: object) -> None:
     asyncio.run(coro_fn())  # type: ignore[operator]
 
@@ -54,7 +75,7 @@ def test_requests_of_a_stream_coalesce_in_arrival_order() -> None:
         return [int(v) for v in images[:, 0, 0, 0]]
 
     async def main() -> None:
-        batcher: Batcher[list[int]] = Batcher(run_batch, max_batch=8, max_delay=0.05)
+        batcher: Batcher[list[int]] = Batcher(per_job(run_batch), max_batch=8, max_delay=0.05)
         await batcher.start()
         imgs = [np.full((2, 1, 1, 3), i, np.uint8) for i in range(3)]
         results = await asyncio.gather(*(batcher.submit(A, im, True) for im in imgs))
@@ -83,7 +104,7 @@ def test_queue_full_is_refused_immediately() -> None:
         return len(images)
 
     async def main() -> None:
-        batcher: Batcher[int] = Batcher(run_batch, max_batch=1, max_delay=0, max_queue=1)
+        batcher: Batcher[int] = Batcher(per_job(run_batch), max_batch=1, max_delay=0, max_queue=1)
         await batcher.start()
         first = asyncio.create_task(batcher.submit(A, np.zeros((1, 1, 1, 3), np.uint8), True))
         await _until(running.is_set)
@@ -103,7 +124,9 @@ def test_queue_full_is_refused_immediately() -> None:
 
 def test_admission_tickets_hold_a_slot_until_submitted_or_released() -> None:
     async def main() -> None:
-        batcher: Batcher[int] = Batcher(lambda r, images, a: len(images), max_batch=4, max_delay=0, max_queue=2)
+        batcher: Batcher[int] = Batcher(
+            per_job(lambda r, images, a: len(images)), max_batch=4, max_delay=0, max_queue=2
+        )
         await batcher.start()
         first, second = batcher.admit(), batcher.admit()
         assert batcher.reserved == 2
@@ -134,7 +157,7 @@ def test_deadline_expires_before_running_and_failures_stay_in_their_batch() -> N
         return 7
 
     async def main() -> None:
-        batcher: Batcher[int] = Batcher(run_batch, max_batch=4, max_delay=0, timeout=0.1)
+        batcher: Batcher[int] = Batcher(per_job(run_batch), max_batch=4, max_delay=0, timeout=0.1)
         await batcher.start()
         failing = asyncio.create_task(batcher.submit(A, np.zeros((1, 1, 1, 3), np.uint8), True))
         await _until(running.is_set)
@@ -162,7 +185,7 @@ def test_streams_are_served_round_robin() -> None:
         time.sleep(0.01)
 
     async def main() -> None:
-        batcher: Batcher[None] = Batcher(run_batch, max_batch=1, max_delay=0)
+        batcher: Batcher[None] = Batcher(per_job(run_batch), max_batch=1, max_delay=0)
         await batcher.start()
         img = np.zeros((1, 1, 1, 3), np.uint8)
         tasks = [batcher.submit(A, img, True) for _ in range(3)] + [batcher.submit(B, img, True) for _ in range(3)]
@@ -171,3 +194,104 @@ def test_streams_are_served_round_robin() -> None:
 
     _run(main)
     assert order == ["a", "b", "a", "b", "a", "b"]
+
+
+def _record(name: str, method: str = "bn") -> StreamRecord:
+    return StreamRecord(StreamKey("t", name), "m", method, {}, 0)
+
+
+def _group(record: StreamRecord) -> tuple[str, str]:
+    return record.model, record.method
+
+
+def test_streams_of_one_group_fuse_into_one_batch_and_keep_their_rows() -> None:
+    calls: list[list[tuple[str, int, bool]]] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[list[int]]:
+        calls.append([(j.record.key.stream_id, len(j.images), j.adapt) for j in jobs])
+        return JobResults([[int(v) for v in j.images[:, 0, 0, 0]] for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[list[int]] = Batcher(run_jobs, max_batch=8, max_delay=0, group_of=_group)
+        await batcher.start()
+        other = _record("z", method="tent")  # another group: never fused with the bn streams
+        submits = [
+            batcher.submit(_record(n), np.full((2, 1, 1, 3), i, np.uint8), n != "c") for i, n in enumerate("abc")
+        ]
+        submits.append(batcher.submit(other, np.full((1, 1, 1, 3), 9, np.uint8), True))
+        results = await asyncio.gather(*submits)
+        await batcher.stop()
+        assert calls == [[("a", 2, True), ("b", 2, True), ("c", 2, False)], [("z", 1, True)]]
+        for i, (out, rows) in enumerate(results[:3]):
+            assert out[rows] == [i, i]
+        assert results[3][0][results[3][1]] == [9]
+
+    _run(main)
+
+
+def test_fused_batches_respect_max_batch_one_segment_per_stream_and_fairness() -> None:
+    calls: list[list[str]] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        calls.append([j.record.key.stream_id for j in jobs])
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=4, max_delay=0, group_of=_group)
+        await batcher.start()
+        busy = [batcher.submit(_record("busy"), np.zeros((4, 1, 1, 3), np.uint8), True) for _ in range(3)]
+        quiet = [batcher.submit(_record(n), np.zeros((1, 1, 1, 3), np.uint8), True) for n in "pq"]
+        await asyncio.gather(*busy, *quiet)
+        await batcher.stop()
+        # the busy stream fills a batch alone; the quiet streams are served right after it, not after all of it
+        assert calls[0] == ["busy"] and calls[1] == ["p", "q"] and calls[2:] == [["busy"], ["busy"]]
+
+    _run(main)
+
+
+def test_no_delay_without_a_joiner_and_a_decoding_request_is_waited_for() -> None:
+    calls: list[list[str]] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        calls.append([j.record.key.stream_id for j in jobs])
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=8, max_delay=30.0, group_of=_group)
+        await batcher.start()
+        started = time.monotonic()
+        await batcher.submit(_record("alone"), np.zeros((1, 1, 1, 3), np.uint8), True)
+        assert time.monotonic() - started < 10  # nothing could join: no 30 s wait
+        ticket = batcher.admit()  # a request of another stream is being decoded
+        first = asyncio.create_task(batcher.submit(_record("a"), np.zeros((1, 1, 1, 3), np.uint8), True))
+        await _until(lambda: batcher.depth == 1)
+        second = asyncio.create_task(batcher.submit(_record("b"), np.zeros((1, 1, 1, 3), np.uint8), True, ticket))
+        await asyncio.gather(first, second)
+        await batcher.stop()
+        assert calls == [["alone"], ["a", "b"]]
+
+    _run(main)
+
+
+def test_a_failing_stream_in_a_fused_batch_fails_alone() -> None:
+    after: list[str] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        results: list[int | BaseException] = [
+            RuntimeError("bad state") if j.record.key.stream_id == "bad" else len(j.images) for j in jobs
+        ]
+        return JobResults(results, after=lambda: after.append("observed"))
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=8, max_delay=0, group_of=_group)
+        await batcher.start()
+        good = batcher.submit(_record("good"), np.zeros((2, 1, 1, 3), np.uint8), True)
+        bad = batcher.submit(_record("bad"), np.zeros((1, 1, 1, 3), np.uint8), True)
+        outcomes = await asyncio.gather(good, bad, return_exceptions=True)
+        await _until(lambda: after == ["observed"])  # the deferred work runs after the answers
+        await batcher.stop()
+        assert outcomes[0] == (2, slice(0, 2))
+        assert isinstance(outcomes[1], RuntimeError)
+        assert after == ["observed"]
+
+    _run(main)

@@ -9,25 +9,34 @@ Contract:
   for a rejected request.
 - Requests of one stream are served in arrival order, one batch of a stream at a time.
   Consecutive requests of the same stream with the same ``adapt`` flag coalesce into one
-  adaptation batch of at most ``max_batch`` images (a single larger request runs alone). When
-  the worker is idle it waits at most ``max_delay`` after a stream's first pending request for
-  more to arrive.
-- Streams are served round-robin by the arrival of their first pending request.
+  *segment* (that stream's adaptation batch; a single larger request runs alone).
+- **Fusion.** Segments of different streams in the same fusion group (``group_of``: the same
+  model, method and config, which one ``adapter.step_many`` can serve) join one fused batch of
+  at most ``max_batch`` images; each stream contributes at most one segment, so a stream never
+  has two batches in flight. ``group_of=None`` turns fusion off (one stream per batch).
+- Streams are served round-robin by the arrival of their first pending request; a stream that
+  was served goes to the back, so a busy stream never starves the others.
+- Waiting: the worker waits at most ``max_delay`` for more images, and only while a request
+  that could still join is being decoded (it holds an admission ticket). When nothing else is
+  on its way, a batch starts at once: a lone client sending one image at a time pays no delay.
 - A request whose deadline passed before its batch started fails with
   :class:`DeadlineExceededError` (504) and never touches the stream; a batch that has started
   always completes.
-- ``run_batch`` runs in a dedicated worker thread, never on the event loop. If it raises,
-  every request of that batch gets the error and the loop goes on.
+- ``run_jobs`` runs in a dedicated worker thread, never on the event loop, and returns one
+  result (or exception) per job, so one stream's failure stays with its own requests. If it
+  raises, every request of that batch gets the error and the loop goes on. ``after`` (the
+  observers' deferred work) runs on the worker thread after the answers were handed back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -35,6 +44,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from tta_server.errors import DeadlineExceededError, QueueFullError
+from tta_server.observability import tracing
 from tta_server.state.base import StreamKey, StreamRecord
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,9 @@ class PendingRequest(Generic[R]):
     deadline: float
     future: asyncio.Future[tuple[R, slice]]
     enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    """The submitting request's context (request id, current span): its batch runs inside it."""
 
     @property
     def key(self) -> StreamKey:
@@ -70,14 +83,34 @@ class PendingRequest(Generic[R]):
         return int(self.images.shape[0])
 
 
+@dataclass(frozen=True)
+class Job:
+    """One stream's segment of a batch: its registration, its images (concatenated requests), the adapt flag."""
+
+    record: StreamRecord
+    images: np.ndarray
+    adapt: bool
+
+
+@dataclass(frozen=True)
+class JobResults(Generic[R]):
+    """What ``run_jobs`` returns: one result or exception per job, and deferred work to run afterwards."""
+
+    results: list[R | BaseException]
+    after: Callable[[], None] | None = None
+
+
+RunJobs = Callable[[Sequence[Job]], JobResults[R]]
+
+
 def take_batch(
-    queue: deque[PendingRequest[R]], max_batch: int, now: float
+    queue: deque[PendingRequest[R]], max_batch: int, now: float, first_always: bool = True
 ) -> tuple[list[PendingRequest[R]], list[PendingRequest[R]]]:
-    """Pop the leading requests that form one batch; also return those already past their deadline.
+    """Pop the leading requests that form one segment; also return those already past their deadline.
 
     Expired requests at the head are dropped first. Then requests are taken while they share
-    the first one's ``adapt`` flag and the total stays within ``max_batch`` (the first request
-    is always taken, whatever its size).
+    the first one's ``adapt`` flag and the total stays within ``max_batch``. The first request
+    is taken whatever its size when ``first_always`` (the batch's lead stream), else only if it fits.
     """
     expired: list[PendingRequest[R]] = []
     batch: list[PendingRequest[R]] = []
@@ -87,7 +120,9 @@ def take_batch(
         if head.deadline <= now:
             expired.append(queue.popleft())
             continue
-        if batch and (head.adapt != batch[0].adapt or total + head.size > max_batch):
+        if batch and head.adapt != batch[0].adapt:
+            break
+        if total + head.size > max_batch and (batch or not first_always):
             break
         batch.append(queue.popleft())
         total += head.size
@@ -99,29 +134,32 @@ def queued_images(queue: deque[PendingRequest[R]]) -> int:
     return sum(r.size for r in queue)
 
 
-RunBatch = Callable[[StreamRecord, np.ndarray, bool], R]
+GroupOf = Callable[[StreamRecord], Hashable]
 
 
 class Batcher(Generic[R]):
-    """Coalesces requests per stream and runs them on one worker thread."""
+    """Coalesces requests per stream, fuses streams of one group, and runs batches on one worker thread."""
 
     def __init__(
         self,
-        run_batch: RunBatch[R],
+        run_jobs: RunJobs[R],
         max_batch: int = 64,
         max_delay: float = 0.005,
         max_queue: int = 256,
         timeout: float = 30.0,
-        on_batch: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[int, int, int], None] | None = None,
+        group_of: GroupOf | None = None,
     ) -> None:
-        self._run_batch = run_batch
+        self._run_jobs = run_jobs
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.timeout = timeout
         self._on_batch = on_batch
+        self._group_of = group_of
         self._pending: dict[StreamKey, deque[PendingRequest[R]]] = {}
-        self._ready: asyncio.Queue[StreamKey] | None = None
+        self._ready: OrderedDict[StreamKey, None] = OrderedDict()
+        self._wake: asyncio.Event | None = None
         self._queued = 0
         self._reserved = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tta-runner")
@@ -138,6 +176,11 @@ class Batcher(Generic[R]):
         """Admitted requests still decoding (they hold a queue slot)."""
         return self._reserved
 
+    @property
+    def fuses(self) -> bool:
+        return self._group_of is not None
+
+    # -- admission ------------------------------------------------------------------------
     def _refuse_when_full(self) -> None:
         waiting = self._queued + self._reserved
         if waiting >= self.max_queue:
@@ -155,9 +198,15 @@ class Batcher(Generic[R]):
         if not ticket.used:
             ticket.used = True
             self._reserved -= 1
+            self._poke()
 
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._ready = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="tta-batcher")
 
     async def stop(self) -> None:
@@ -170,82 +219,167 @@ class Batcher(Generic[R]):
                 if not request.future.done():
                     request.future.set_exception(DeadlineExceededError("the server is shutting down"))
         self._pending.clear()
+        self._ready.clear()
         self._executor.shutdown(wait=True)
 
     def run_in_worker(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run other torch work (stream reset, state import) on the same worker thread, in order."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn)
 
+    # -- requests -------------------------------------------------------------------------
     async def submit(
         self, record: StreamRecord, images: np.ndarray, adapt: bool, ticket: Ticket | None = None
     ) -> tuple[R, slice]:
-        """Queue ``images`` for the stream of ``record``; returns the batch result and this request's rows in it.
+        """Queue ``images`` for the stream of ``record``; returns its segment's result and this request's rows.
 
         The registration travels with the request, so the worker never reads it again. With a
         ``ticket`` from :meth:`admit` the slot is already held.
         """
-        if self._ready is None:
+        if self._wake is None:
             raise RuntimeError("batcher is not started")
         if ticket is None or ticket.used:
             self._refuse_when_full()
         else:
-            self.release(ticket)
+            ticket.used = True
+            self._reserved -= 1
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
             record, images, adapt, time.monotonic() + self.timeout, loop.create_future()
         )
-        key = record.key
-        queue = self._pending.setdefault(key, deque())
+        queue = self._pending.setdefault(record.key, deque())
         queue.append(request)
         self._queued += 1
-        if len(queue) == 1:
-            self._ready.put_nowait(key)
+        if record.key not in self._ready:
+            self._ready[record.key] = None
+        self._poke()
         return await request.future
 
-    async def _loop(self) -> None:
-        if self._ready is None:
-            raise RuntimeError("batcher is not started")
-        while True:
-            key = await self._ready.get()
+    # -- the loop -------------------------------------------------------------------------
+    def _group(self, record: StreamRecord) -> Hashable:
+        return self._group_of(record) if self._group_of is not None else record.key
+
+    def _available(self, lead: StreamKey) -> int:
+        """Images that could join a batch led by ``lead`` right now."""
+        queue = self._pending.get(lead)
+        if not queue:
+            return 0
+        if not self.fuses:
+            return queued_images(queue)
+        group = self._group(queue[0].record)
+        return sum(queued_images(q) for q in self._pending.values() if q and self._group(q[0].record) == group)
+
+    async def _gather(self, lead: StreamKey) -> None:
+        """Wait up to ``max_delay`` for more images, only while a request that could join is decoding."""
+        queue = self._pending[lead]
+        deadline = queue[0].enqueued_at + self.max_delay
+        while self._reserved > 0 and self._available(lead) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._wake is None:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _collect(self, lead: StreamKey) -> list[tuple[StreamKey, list[PendingRequest[R]]]]:
+        """The segments of the next batch: the lead stream's, then same-group streams in round-robin order."""
+        now = time.monotonic()
+        segments: list[tuple[StreamKey, list[PendingRequest[R]]]] = []
+        total = 0
+        group = self._group(self._pending[lead][0].record)
+        for key in [lead, *(k for k in self._ready if k != lead)]:
             queue = self._pending.get(key)
-            if not queue:
+            if not queue or (key != lead and (total >= self.max_batch or self._group(queue[0].record) != group)):
                 continue
-            wait = queue[0].enqueued_at + self.max_delay - time.monotonic()
-            if wait > 0 and queued_images(queue) < self.max_batch:
-                await asyncio.sleep(wait)
-            batch, expired = take_batch(queue, self.max_batch, time.monotonic())
-            self._queued -= len(batch) + len(expired)
-            for request in expired:
-                if not request.future.done():
-                    request.future.set_exception(
-                        DeadlineExceededError(f"request waited more than {self.timeout:.1f}s in the queue")
-                    )
+            batch, expired = take_batch(queue, self.max_batch - total, now, first_always=key == lead)
+            self._fail_expired(expired)
             if batch:
-                await self._run(key, batch)
-            if queue:
-                self._ready.put_nowait(key)
+                segments.append((key, batch))
+                total += sum(r.size for r in batch)
+            if not self.fuses:
+                break
+        for key in [lead, *(key for key, _ in segments)]:
+            self._ready.pop(key, None)
+            if self._pending.get(key):
+                self._ready[key] = None  # served: to the back of the round
             else:
                 self._pending.pop(key, None)
+        return segments
 
-    async def _run(self, key: StreamKey, batch: list[PendingRequest[R]]) -> None:
-        images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
-        started = time.perf_counter()
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, batch[0].record, images, batch[0].adapt
+    def _fail_expired(self, expired: list[PendingRequest[R]]) -> None:
+        self._queued -= len(expired)
+        for request in expired:
+            if not request.future.done():
+                request.future.set_exception(
+                    DeadlineExceededError(f"request waited more than {self.timeout:.1f}s in the queue")
+                )
+
+    async def _loop(self) -> None:
+        if self._wake is None:
+            raise RuntimeError("batcher is not started")
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            lead = next(iter(self._ready))
+            if not self._pending.get(lead):
+                self._ready.pop(lead, None)
+                self._pending.pop(lead, None)
+                continue
+            await self._gather(lead)
+            segments = self._collect(lead)
+            self._queued -= sum(len(batch) for _, batch in segments)
+            if segments:
+                await self._run([batch for _, batch in segments])
+
+    @staticmethod
+    def _trace_queue_waits(segments: list[list[PendingRequest[R]]]) -> None:
+        """One ``tta.queue_wait`` span per request, from its queueing to now (its batch starts), in its own trace."""
+        if tracing.enabled():
+            now = time.time_ns()
+            for batch in segments:
+                for request in batch:
+                    request.context.run(tracing.record_span, "tta.queue_wait", request.enqueued_ns, now)
+
+    def _run_traced(self, jobs: list[Job]) -> JobResults[R]:
+        with tracing.span("tta.batch", {"tta.streams": len(jobs), "tta.images": sum(len(j.images) for j in jobs)}):
+            return self._run_jobs(jobs)
+
+    async def _run(self, segments: list[list[PendingRequest[R]]]) -> None:
+        jobs = [
+            Job(
+                batch[0].record,
+                batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch]),
+                batch[0].adapt,
             )
+            for batch in segments
+        ]
+        images = sum(len(job.images) for job in jobs)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            self._trace_queue_waits(segments)
+            # the worker thread runs in the lead request's context: its log lines and spans name it
+            outcome = await loop.run_in_executor(self._executor, segments[0][0].context.run, self._run_traced, jobs)
         except Exception as exc:
-            log.warning("batch of %d images for stream %s failed: %s", len(images), key, exc)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            log.warning("batch of %d images for %d streams failed: %s", images, len(jobs), exc)
+            for batch in segments:
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
         self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
         if self._on_batch is not None:
-            self._on_batch(len(images), len(batch))
-        start = 0
-        for request in batch:
-            if not request.future.done():
-                request.future.set_result((result, slice(start, start + request.size)))
-            start += request.size
+            self._on_batch(images, sum(len(batch) for batch in segments), len(segments))
+        for batch, result in zip(segments, outcome.results, strict=True):
+            start = 0
+            for request in batch:
+                if not request.future.done():
+                    if isinstance(result, BaseException):
+                        request.future.set_exception(result)
+                    else:
+                        request.future.set_result((result, slice(start, start + request.size)))
+                start += request.size
+        if outcome.after is not None:
+            await loop.run_in_executor(self._executor, outcome.after)

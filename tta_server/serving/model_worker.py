@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,12 @@ import torch
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from adapters.base import Adapter, StepInfo, StreamState
+from adapters.base import Adapter, Segment, StepInfo, StepResult, StreamState
 from adapters.errors import StateMismatchError
 from adapters.serialize import state_from_bytes, state_to_bytes
 from tta_server.models import ModelHub
+from tta_server.observability.tracing import span
+from tta_server.serving.batcher import Job, JobResults
 from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_method
 from tta_server.serving.observers import Observers, StepEvent
 from tta_server.serving.state_checks import check_state_fits
@@ -109,36 +111,117 @@ class ModelWorker:
         return setup.adapter.init_state(setup.model, record.seed, loaded.sha256), 0, 0
 
     # -- the hot path ---------------------------------------------------------------------
-    def run_batch(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
-        """Predict (and adapt) one batch of uint8 NHWC images for the stream of ``record``.
+    def run_jobs(self, jobs: Sequence[Job]) -> JobResults[BatchOutput]:
+        """Run one batch: one stream alone, or several streams of one method setup fused.
 
-        The write is a compare-and-set on the version the step started from. If another
-        replica wrote the stream in between, the step is recomputed from the newer state
-        (up to ``CAS_ATTEMPTS`` times), so no acknowledged adaptation step is ever lost.
+        Fused streams share one ``adapter.step_many`` call (one forward pass over all their
+        images, statistics per stream). Each stream's state is loaded and written on its own; a
+        stream whose state cannot be loaded, or whose write lost a compare-and-set race, is
+        answered on its own (the error, or a recomputed step) without touching the others. Deferred
+        observers (drift) run after the answers were handed back (``after``), off the requests' path.
         """
+        events: list[StepEvent] = []
+        if len(jobs) == 1:
+            results: list[BatchOutput | BaseException] = [self._run_one(jobs[0], events)]
+        else:
+            results = self._run_fused(jobs, events)
+        self._observe(events, deferred=False)
+        return JobResults(results, after=lambda: self._observe(events, deferred=True))
+
+    def run_batch(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
+        """One stream's batch, observers included (for callers outside the batcher)."""
+        events: list[StepEvent] = []
+        output = self._run_one(Job(record, images, adapt), events)
+        self._observe(events, deferred=False)
+        self._observe(events, deferred=True)
+        return output
+
+    def _observe(self, events: list[StepEvent], deferred: bool) -> None:
+        for event in events:
+            self.observers.notify(event, deferred)
+
+    def _run_one(self, job: Job, events: list[StepEvent]) -> BatchOutput:
+        """One stream's step with compare-and-set: recomputed from the newer state if another replica wrote.
+
+        Up to ``CAS_ATTEMPTS`` times, so no acknowledged adaptation step is ever lost.
+        """
+        record, adapt = job.record, job.adapt
         setup = self._setup_of(record)
-        x = model_inputs(images, setup.spec, self.hub.device)
+        x = model_inputs(job.images, setup.spec, self.hub.device)
         for attempt in range(1, CAS_ATTEMPTS + 1):
             state, version, seen = self.current_state(record, setup)
             started = time.perf_counter()
-            result = setup.adapter.step(setup.model, x, state, adapt=adapt)
+            with span("tta.step"):
+                result = setup.adapter.step(setup.model, x, state, adapt=adapt)
             elapsed = time.perf_counter() - started
-            if not adapt:
-                new_version = version
-                break
             try:
-                new_version = self.store.save_state(record.key, result.state, version, seen + len(images))
-                break
+                return self._finish(job, setup, x, result, version, seen, elapsed, events)
             except VersionConflictError:
                 self.observers.metrics.store_errors.labels("version_conflict").inc()
                 if attempt == CAS_ATTEMPTS:
                     raise
+        raise AssertionError("unreachable")
+
+    def _finish(
+        self,
+        job: Job,
+        setup: MethodSetup,
+        x: torch.Tensor,
+        result: StepResult,
+        version: int,
+        seen: int,
+        elapsed: float,
+        events: list[StepEvent],
+    ) -> BatchOutput:
+        """Write the step's state (compare-and-set) and describe the outcome; raises on a lost race."""
+        new_version = version
+        if job.adapt:
+            with span("tta.store.write"):
+                new_version = self.store.save_state(job.record.key, result.state, version, seen + len(job.images))
         probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
         step = result.state.meta.step
-        self.observers.notify(
-            StepEvent(record, setup.loaded, x, probs, result.info, step, elapsed, adapt, result.state.nbytes())
+        events.append(
+            StepEvent(job.record, setup.loaded, x, probs, result.info, step, elapsed, job.adapt, result.state.nbytes())
         )
         return BatchOutput(probs, step, new_version, result.info.adapted, result.info, setup.spec.classes)
+
+    def _run_fused(self, jobs: Sequence[Job], events: list[StepEvent]) -> list[BatchOutput | BaseException]:
+        """Several streams of one setup in one ``step_many`` call; per-stream loads, writes and errors."""
+        results: list[BatchOutput | BaseException | None] = [None] * len(jobs)
+        setup = self._setup_of(jobs[0].record)
+        sizes = [len(job.images) for job in jobs]
+        x_all = model_inputs(np.concatenate([job.images for job in jobs]), setup.spec, self.hub.device)
+        xs = list(torch.split(x_all, sizes))
+        loaded: list[tuple[int, StreamState, int, int]] = []
+        for i, job in enumerate(jobs):
+            try:
+                state, version, seen = self.current_state(job.record, setup)
+            except Exception as exc:  # this stream alone fails (a store outage, a state for other weights)
+                results[i] = exc
+                continue
+            loaded.append((i, state, version, seen))
+        started = time.perf_counter()
+        with span("tta.step", {"tta.streams": len(loaded)}):
+            stepped = setup.adapter.step_many(
+                setup.model, [Segment(xs[i], state, jobs[i].adapt) for i, state, _, _ in loaded]
+            )
+        elapsed = (time.perf_counter() - started) / max(len(loaded), 1)
+        for (i, _, version, seen), result in zip(loaded, stepped, strict=True):
+            try:
+                results[i] = self._finish(jobs[i], setup, xs[i], result, version, seen, elapsed, events)
+            except VersionConflictError:
+                self.observers.metrics.store_errors.labels("version_conflict").inc()
+                results[i] = self._retry_alone(jobs[i], events)
+            except Exception as exc:
+                results[i] = exc
+        return [r if r is not None else RuntimeError("stream was not stepped") for r in results]
+
+    def _retry_alone(self, job: Job, events: list[StepEvent]) -> BatchOutput | BaseException:
+        """A fused stream whose write lost a race is recomputed alone from the newer state."""
+        try:
+            return self._run_one(job, events)
+        except Exception as exc:
+            return exc
 
     # -- management -----------------------------------------------------------------------
     def reset(self, record: StreamRecord) -> tuple[int, int]:

@@ -50,9 +50,15 @@ class StepEvent:
 
 
 class StepObserver(Protocol):
-    """Something that watches finished steps; ``name`` labels its errors."""
+    """Something that watches finished steps; ``name`` labels its errors.
+
+    A ``deferred`` observer runs after the step's answers were handed back (the drift observer
+    runs the source model every N batches: that forward pass must not delay the request it
+    samples); the others run before the answer, so counters include the request they answer.
+    """
 
     name: str
+    deferred: bool
 
     def observe(self, event: StepEvent) -> None: ...
 
@@ -66,8 +72,11 @@ class Observers:
         for observer in self.observers:  # every observer's error series exists from the start, at 0
             metrics.observer_errors.labels(observer.name)
 
-    def notify(self, event: StepEvent) -> None:
+    def notify(self, event: StepEvent, deferred: bool = False) -> None:
+        """Run the observers whose ``deferred`` flag equals ``deferred`` on ``event``."""
         for observer in self.observers:
+            if observer.deferred != deferred:
+                continue
             try:
                 observer.observe(event)
             except Exception:
@@ -81,6 +90,7 @@ class MetricsObserver:
     """Per-(model, method) counters and histograms of a step."""
 
     name = "metrics"
+    deferred = False
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -103,6 +113,7 @@ class DriftObserver:
     """Drift signals of a step: entropy and confidence always, the source model's view every N batches."""
 
     name = "drift"
+    deferred = True
 
     def __init__(self, drift: DriftTracker, metrics: Metrics) -> None:
         self.drift = drift
