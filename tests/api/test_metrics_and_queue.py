@@ -19,7 +19,7 @@ def wait_for_metric(client: TestClient, name: str, seconds: float = 30.0) -> str
     """/metrics once ``name`` appears in it (deferred observers run just after the answer)."""
     deadline = time.monotonic() + seconds
     while True:
-        text = client.get("/metrics").text
+        text: str = client.get("/metrics").text
         if name in text or time.monotonic() > deadline:
             return text
         time.sleep(0.01)
