@@ -21,6 +21,7 @@ whole path with the module that owns each step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -239,7 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await batcher.stop()
         services.decoder.close()
-        services.streams.close()
+        await asyncio.to_thread(services.streams.close)  # a store flush may wait for Redis: not on the loop
 
     # the catalogue and the docs answer without a key unless the settings say otherwise (docs/operations.md)
     keyed_catalogue = settings.require_key_for_catalog_and_docs and bool(settings.api_keys)
