@@ -40,7 +40,8 @@ def same_tensors(a: StreamState, b: StreamState) -> bool:
     return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+def wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+    """Poll ``condition`` until it holds; the generous default is for a loaded machine, a passing run returns early."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
