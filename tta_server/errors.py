@@ -56,8 +56,12 @@ class UnsupportedMediaError(ServiceError):
 
 
 class UnauthorizedError(ServiceError):
+    """No or a wrong API key. HTTP requires a 401 to name the scheme to use (RFC 9110, 11.6.1),
+    so every answer carries ``WWW-Authenticate: <challenge>``."""
+
     status_code = 401
     code = "unauthorized"
+    challenge = "Bearer"
 
 
 class QueueFullError(ServiceError):
