@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import logging.config
 from enum import Enum, StrEnum
 from pathlib import Path
 from types import UnionType
@@ -22,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tta_server.evaluation.cli import eval_command, report_command
+from tta_server.observability.logs import logging_config
 from tta_server.settings import Settings
 from tta_server.training.cli import train_command
 
@@ -135,13 +137,17 @@ def serve(**flags: Any) -> None:
                 raise typer.Exit(code=2) from None
         overrides[name] = value
     settings = load_settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one handler and format for the server and uvicorn (access log included), with request ids
+    log_config = logging_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(log_config)
     try:
         application = create_app(settings)
     except (ValueError, RuntimeError) as exc:
         err_console.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(code=2) from None
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        application, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=log_config
+    )
 
 
 # typer reads the options from the signature: one keyword parameter per setting that has a flag,

@@ -1,13 +1,16 @@
 """The exception tree of the service and its single mapping to HTTP.
 
-Every error response has one shape: ``{"error": {"code", "message", "detail"}}``, where
-``code`` is a stable machine-readable string, ``message`` a sentence for a person and
-``detail`` optional structured context (for example pydantic's field errors).
+Every error response has one shape: ``{"error": {"code", "message", "detail", "request_id"}}``,
+where ``code`` is a stable machine-readable string, ``message`` a sentence for a person,
+``detail`` optional structured context (for example pydantic's field errors) and
+``request_id`` the request's ``X-Request-ID`` (to find its log lines and trace).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from tta_server.observability.request_id import current_request_id
 
 
 class ServiceError(Exception):
@@ -22,7 +25,8 @@ class ServiceError(Exception):
         self.detail = detail
 
     def to_body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+        body = {"code": self.code, "message": self.message, "detail": self.detail, "request_id": current_request_id()}
+        return {"error": body}
 
 
 class NotFoundError(ServiceError):

@@ -11,6 +11,7 @@ class ErrorBody(BaseModel):
     code: str = Field(examples=["not_found"])
     message: str = Field(examples=["stream 'cam-7' does not exist"])
     detail: object | None = None
+    request_id: str | None = Field(None, description="the request's X-Request-ID, to find its log lines and trace")
 
 
 class ErrorResponse(BaseModel):

@@ -18,6 +18,7 @@ app maps them to HTTP in one place.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ import numpy as np
 from tta_server.errors import DeadlineExceededError, QueueFullError
 from tta_server.metrics import Metrics
 from tta_server.models import ModelHub
+from tta_server.observability.tracing import span
 from tta_server.serving.batcher import Batcher
 from tta_server.serving.drift import DriftSummary, DriftTracker, WindowSummary
 from tta_server.serving.model_worker import BatchOutput, ModelWorker
@@ -114,7 +116,8 @@ class StreamService:
 
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, in the store pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, partial(fn, *args))
+        call = partial(contextvars.copy_context().run, fn, *args)  # the request's id reaches store log lines
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, call)
 
     async def record(self, key: StreamKey) -> StreamRecord:
         """The registration of ``key`` (404 if absent); one store call."""
@@ -183,7 +186,8 @@ class StreamService:
             self.metrics.queue_rejections.inc()
             raise
         try:
-            body = await decode(self.hub.catalogue.get(record.model))
+            with span("tta.decode"):
+                body = await decode(self.hub.catalogue.get(record.model))
             adapt = body.adapt if body.adapt is not None else adapt
             output, rows = await self.batcher.submit(record, body.images, adapt, ticket)
         except QueueFullError:
