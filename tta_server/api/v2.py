@@ -386,7 +386,7 @@ def tensor_array(tensor: RequestInput, plan: TensorPlan, binary: memoryview) -> 
         raise RequestInvalidError("the input has no data: send data or binary data (binary_data_size)")
     try:
         values = np.asarray(tensor.data)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         raise RequestInvalidError("data is not a regular (rectangular) array of numbers") from None
     if values.size != count or values.dtype.kind not in "iuf":
         raise RequestInvalidError(
