@@ -60,7 +60,8 @@ def test_every_eviction_is_logged_and_reported(caplog: pytest.LogCaptureFixture)
             store.create_stream(record("acme", sid))
         now[0] = 11  # b and c idle past the TTL
         assert store.count() == 0
-    assert evicted == [(StreamKey("acme", "a"), "lru"), (StreamKey("acme", "b"), "ttl"), (StreamKey("acme", "c"), "ttl")]
+    acme = [StreamKey("acme", sid) for sid in ("a", "b", "c")]
+    assert evicted == [(acme[0], "lru"), (acme[1], "ttl"), (acme[2], "ttl")]
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(lines) == 3 and "acme/a" in lines[0] and "(lru)" in lines[0] and "memory_max_streams" in lines[0]
     assert "acme/b" in lines[1] and "(ttl)" in lines[1] and "memory_ttl_s" in lines[1]
