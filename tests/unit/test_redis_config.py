@@ -52,9 +52,16 @@ def test_store_url_validation() -> None:
     assert StoreOptions() == Settings().store_options()  # the defaults agree
     with pytest.raises(ValueError, match="unsupported state store URL 'host:1'"):
         open_store(StoreOptions(url="http://bob:hunter2@host:1"))
-    with pytest.raises(ValidationError, match="use memory://, redis:// or rediss://") as caught:
+    with pytest.raises(ValidationError, match=r"use memory://, redis://, rediss://, redis\+cluster://") as caught:
         Settings(store_url="http://bob:hunter2@127.0.0.1:6379")
     assert "hunter2" not in caught.value.errors()[0]["msg"]  # the message the CLI prints
+    cluster = Settings(store_url="rediss+cluster://bob:hunter2@10.0.0.1:7000,10.0.0.2:7000").store_options()
+    assert cluster.url.startswith("rediss+cluster://")
+    with pytest.raises(ValidationError, match="not host:port") as caught:
+        Settings(store_url="redis+cluster://bob:hunter2@10.0.0.1")
+    assert "hunter2" not in caught.value.errors()[0]["msg"]
+    with pytest.raises(ValidationError, match="only database 0"):
+        Settings(store_url="redis+cluster://10.0.0.1:7000/2")
     with pytest.raises(ValidationError, match="redis_key_prefix"):
         Settings(redis_key_prefix="a{b}")
     with pytest.raises(ValueError, match="braces"):

@@ -31,6 +31,7 @@ class StoreOptions:
     redis_max_connections: int = 32
     redis_timeout_s: float = 2.0
     redis_retry_s: float = 1.0
+    redis_wait_replicas: int = 0
 
     @property
     def write_policy(self) -> WritePolicy:
@@ -46,7 +47,8 @@ class HasStoreOptions(Protocol):
 def open_store(
     options: StoreOptions | HasStoreOptions, metrics: Metrics | None = None, device: str | None = None
 ) -> StateStore:
-    """A store for ``options.url`` (``memory://``, ``redis://``, ``rediss://``).
+    """A store for ``options.url`` (``memory://``, ``redis://``, ``rediss://``, ``redis+cluster://``,
+    ``rediss+cluster://``).
 
     ``metrics`` lets the Redis store count failed writes and report pending states, and the
     memory store count the streams it evicts (``tta_streams_evicted_total``);
@@ -64,7 +66,7 @@ def open_store(
                 evicted.labels(reason).inc()
 
         return MemoryStateStore(options.memory_max_streams, options.memory_ttl_s, on_evict=on_evict)
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         from tta_server.state.redis import RedisStateStore
 
         return RedisStateStore(
@@ -76,8 +78,9 @@ def open_store(
             max_connections=options.redis_max_connections,
             socket_timeout=options.redis_timeout_s,
             retry_interval=options.redis_retry_s,
+            wait_replicas=options.redis_wait_replicas,
             device=device,
             metrics=metrics,
         )
     shown = url.rsplit("@", maxsplit=1)[-1]
-    raise ValueError(f"unsupported state store URL {shown!r}; use memory://, redis:// or rediss://")
+    raise ValueError(f"unsupported state store URL {shown!r}; use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://")

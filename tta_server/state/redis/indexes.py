@@ -5,6 +5,12 @@ tenant), so a page is one ZRANGE and the total one ZCARD. With an idle TTL the r
 keys expire on their own but index members do not: ``{idx}:exp`` holds a hint of when each
 member may have expired, and :meth:`ListingIndexes.prune` drops members whose keys are gone,
 bounded per call so a listing never turns into a scan of everything.
+
+On a Redis Cluster the tenant indexes live in slots of their own
+(:attr:`KeyLayout.tenant_index_shares_slot` is False): the all-tenants and expiry indexes still
+change in one MULTI, and the tenant index is written right after it (added after, removed
+after). A crash in between leaves at worst a tenant member whose registration is gone, which
+that tenant's listing prunes like any other dangling member.
 """
 
 from __future__ import annotations
@@ -48,17 +54,21 @@ class ListingIndexes:
     def add(self, record: StreamRecord) -> None:
         """Add a stream to the listing indexes, keeping an existing member's creation time."""
         member = member_of(record.key)
+        tenant_index = self.keys.tenant_index(record.key.tenant)
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(self.keys.all_index, {member: record.created_at}, nx=True)
-        pipe.zadd(self.keys.tenant_index(record.key.tenant), {member: record.created_at}, nx=True)
+        if self.keys.tenant_index_shares_slot:
+            pipe.zadd(tenant_index, {member: record.created_at}, nx=True)
         if self.ttl_seconds:
             pipe.zadd(self.keys.expiry_index, {member: self._wall_clock() + self.ttl_seconds}, nx=True)
         pipe.execute()
+        if not self.keys.tenant_index_shares_slot:
+            self.client.zadd(tenant_index, {member: record.created_at}, nx=True)
 
     def reindex(self, record: StreamRecord) -> None:
         """Correct the creation time of a member left behind by an expired or crashed stream of the same id."""
         member = member_of(record.key)
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self.client.pipeline(transaction=self.keys.tenant_index_shares_slot)
         pipe.zadd(self.keys.all_index, {member: record.created_at}, xx=True)
         pipe.zadd(self.keys.tenant_index(record.key.tenant), {member: record.created_at}, xx=True)
         pipe.execute()
@@ -70,9 +80,14 @@ class ListingIndexes:
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(self.keys.all_index, *members)
         pipe.zrem(self.keys.expiry_index, *members)
+        shared = self.keys.tenant_index_shares_slot
+        tenants = pipe if shared else self.client.pipeline(transaction=False)
         for member in members:
-            pipe.zrem(self.keys.tenant_index(key_of_member(member).tenant), member)
-        return int(pipe.execute()[0])
+            tenants.zrem(self.keys.tenant_index(key_of_member(member).tenant), member)
+        removed = int(pipe.execute()[0])
+        if not shared:
+            tenants.execute()
+        return removed
 
     def page(self, tenant: str | None, offset: int, limit: int) -> tuple[list[StreamRecord], int]:
         """A page ordered by creation time (then tenant/id) and the total; drops dangling members it meets."""

@@ -13,6 +13,14 @@ standalone and cluster deployments::
     <prefix>:{idx}:t:<tenant>            zset    the same, one tenant
     <prefix>:{idx}:exp                   zset    idle-TTL hints: member -> earliest expiry time
 
+On a Redis Cluster (``KeyLayout(cluster=True)``) each tenant's index gets a hash tag of its own,
+``{idx:t:<tenant>}``, so tenants' listings spread over the cluster's shards instead of all
+landing on the ``{idx}`` slot; ``{idx}:all`` and ``{idx}:exp`` still share one slot, and the
+tenant index is written next to them, never in the same MULTI (no command spans two slots).
+One server keeps the layout above, byte for byte::
+
+    <prefix>:{idx:t:<tenant>}:t          zset    cluster only: one tenant's index, own slot
+
 Tenant and stream id are percent-encoded (``/``, ``{``, ``}``, ``:`` and ``%`` never appear
 raw), so ``a/b`` + ``c`` and ``a`` + ``b/c`` can never collide and a stray brace can never
 change the hash tag.
@@ -47,6 +55,8 @@ class KeyLayout:
     """Names of every Redis key the store uses, under one configurable prefix."""
 
     prefix: str = "tta"
+    cluster: bool = False
+    """True on a Redis Cluster: tenant indexes carry their own hash tag (see the module doc)."""
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
@@ -66,7 +76,14 @@ class KeyLayout:
         return f"{self.prefix}:{{idx}}:all"
 
     def tenant_index(self, tenant: str) -> str:
+        if self.cluster:
+            return f"{self.prefix}:{{idx:t:{quote(tenant, safe='')}}}:t"
         return f"{self.prefix}:{{idx}}:t:{quote(tenant, safe='')}"
+
+    @property
+    def tenant_index_shares_slot(self) -> bool:
+        """True when the tenant indexes live in the ``{idx}`` slot (one server), so one MULTI covers all indexes."""
+        return not self.cluster
 
     @property
     def expiry_index(self) -> str:

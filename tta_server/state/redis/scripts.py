@@ -5,10 +5,16 @@ hash tag), so each is atomic on one node and legal in Redis Cluster. The scripts
 makes state writes compare-and-set: a stale write is refused, never applied, and a write that
 redis-py retried after a lost reply is recognised by its random token instead of being
 reported as a conflict.
+
+Optionally a state write is followed by ``WAIT <replicas> <ms>`` on the same connection (the
+same node on a cluster), so the write is acknowledged only after that many replicas have it:
+Redis replication is asynchronous, and without it a master killed right after answering can
+take the newest step with it when its replica is promoted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis
@@ -91,11 +97,28 @@ return 0
 
 
 class StateScripts:
-    """The three scripts registered on one client (``EVALSHA``, loaded again after a Redis restart)."""
+    """The three scripts registered on one client (``EVALSHA``, loaded again after a Redis restart).
 
-    def __init__(self, client: redis.Redis, keys: KeyLayout, ttl_ms: int) -> None:
+    ``wait_replicas`` > 0 makes every state write wait (up to ``wait_ms``) until that many
+    replicas acknowledged it; ``on_unreplicated`` is called with the count reached when fewer did
+    (the write is applied on the master either way and is reported as written).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeyLayout,
+        ttl_ms: int,
+        wait_replicas: int = 0,
+        wait_ms: int = 1000,
+        on_unreplicated: Callable[[int], None] | None = None,
+    ) -> None:
+        self.client = client
         self.keys = keys
         self.ttl_ms = ttl_ms
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
+        self.on_unreplicated = on_unreplicated
         self._save = client.register_script(SAVE_SCRIPT)
         self._load = client.register_script(LOAD_SCRIPT)
         self._create = client.register_script(CREATE_SCRIPT)
@@ -127,8 +150,28 @@ class StateScripts:
             record_to_json(record) if restore and record is not None else b"",
             *accepted,
         ]
-        reply = cast(list[Any], self._save(keys=[self.keys.record(key), self.keys.state(key)], args=args))
-        return int(reply[0]), int(reply[1])
+        keys = [self.keys.record(key), self.keys.state(key)]
+        if not self.wait_replicas:
+            reply = cast(list[Any], self._save(keys=keys, args=args))
+            return int(reply[0]), int(reply[1])
+        return self._write_and_wait(keys, args)
+
+    def _write_and_wait(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
+        """The save script and ``WAIT`` in one pipeline: one connection, so WAIT covers this write.
+
+        EVAL (not EVALSHA) so that a Redis without the script cached needs no second round trip
+        inside the pipeline; on a cluster ``WAIT`` is sent to the node that owns the stream's slot.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        node = getattr(self.client, "get_node_from_key", None)
+        target = {"target_nodes": node(keys[0])} if node is not None else {}
+        pipe.execute_command("EVAL", SAVE_SCRIPT, len(keys), *keys, *args, **target)  # type: ignore[no-untyped-call]
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms, **target)  # type: ignore[no-untyped-call]
+        reply, acked = pipe.execute()
+        code = int(reply[0])
+        if code in (WRITTEN, RESTORED) and int(acked) < self.wait_replicas and self.on_unreplicated is not None:
+            self.on_unreplicated(int(acked))
+        return code, int(reply[1])
 
     def load(self, key: StreamKey, known_version: int, known_token: str) -> list[Any]:
         """Run :data:`LOAD_SCRIPT`: the reply starts with an ``L_*`` code."""

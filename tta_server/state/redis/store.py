@@ -26,6 +26,13 @@ Why it looks the way it does:
 - **count()** answers from memory (a gauge must not wait for Redis): the background thread
   reads the total every second, and this process's registrations and deletions adjust it.
 
+- **Redis Cluster** (``redis+cluster://``, :mod:`~tta_server.state.redis.connect`): the same
+  commands through redis-py's cluster client; every script and transaction touches one
+  stream's keys (one hash tag, one slot) or the index slot. Restart detection by ``run_id`` is
+  off there: a failover changes the node behind a slot without losing data, which a new
+  ``run_id`` would wrongly report as an empty restart. ``wait_replicas`` makes each state write
+  wait for replicas, so a killed master's promoted replica holds every acknowledged step.
+
 Key layout and hash tags: :mod:`tta_server.state.redis.keys`.
 """
 
@@ -38,8 +45,6 @@ from collections.abc import Callable, Sequence
 from typing import TypeGuard, cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from adapters.base import StreamState
 from adapters.serialize import state_from_bytes
@@ -56,6 +61,14 @@ from tta_server.state.base import (
 )
 from tta_server.state.redis.cache import HotCache, HotEntry
 from tta_server.state.redis.circuit import CircuitBreaker
+from tta_server.state.redis.connect import (
+    STORE_ERRORS,
+    is_cluster_url,
+    is_redis_url,
+    location,
+    open_client,
+    outage_errors,
+)
 from tta_server.state.redis.flusher import Flusher
 from tta_server.state.redis.indexes import ListingIndexes, StreamCount
 from tta_server.state.redis.keys import KeyLayout, member_of, record_from_json
@@ -75,7 +88,7 @@ log = logging.getLogger(__name__)
 
 
 def redacted_location(client: redis.Redis) -> str:
-    """``host:port/db`` (or the socket path) of the server, never the credentials."""
+    """``host:port/db`` (or the socket path) of a single server, never the credentials."""
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
@@ -87,6 +100,8 @@ class RedisStateStore:
 
     ``clock`` (monotonic seconds) drives the circuit's probe interval and the age of pending
     write-behind steps; ``count_interval`` is how often the background thread reads the count.
+    ``wait_replicas`` > 0 acknowledges a state write only once that many replicas have it (or
+    half the socket timeout passed, counted as ``replica_wait`` errors).
     """
 
     name = "redis"
@@ -106,13 +121,20 @@ class RedisStateStore:
         metrics: Metrics | None = None,
         client_name: str = "tta-server",
         count_interval: float = 1.0,
+        wait_replicas: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"not a Redis URL: {url.rsplit('@', maxsplit=1)[-1]!r} (use redis:// or rediss://)")
+        if not is_redis_url(url):
+            raise ValueError(
+                f"not a Redis URL: {url.rsplit('@', maxsplit=1)[-1]!r} "
+                "(use redis://, rediss://, redis+cluster:// or rediss+cluster://)"
+            )
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError(f"Redis idle TTL must be positive, got {ttl_seconds}")
-        self.keys = KeyLayout(key_prefix)
+        if wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be >= 0, got {wait_replicas}")
+        self.cluster = is_cluster_url(url)
+        self.keys = KeyLayout(key_prefix, cluster=self.cluster)
         self.ttl_seconds = ttl_seconds
         self.policy = policy or WritePolicy()
         self.cache = HotCache(cache_max_streams, clock)
@@ -120,22 +142,21 @@ class RedisStateStore:
         self.retry_interval = retry_interval
         self.device = device
         self.metrics = metrics
-        # One pool per store, shared by every thread. One retry per command hides a pooled
-        # connection that died (Redis restarted); the write token makes retried writes safe.
-        # The price: a hung server costs the call that opens the circuit 2 x socket_timeout.
-        self.client: redis.Redis = redis.Redis.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-            client_name=client_name,
+        # One pool per store (per node on a cluster), shared by every thread; retries: connect.py.
+        self.client: redis.Redis = open_client(
+            url, max_connections=max_connections, socket_timeout=socket_timeout, client_name=client_name
         )
-        self.where = redacted_location(self.client)
-        self.scripts = StateScripts(self.client, self.keys, self.ttl_ms)
+        self.where = location(self.client, url)
+        self.scripts = StateScripts(
+            self.client,
+            self.keys,
+            self.ttl_ms,
+            wait_replicas=wait_replicas,
+            wait_ms=max(1, int(socket_timeout * 500)),
+            on_unreplicated=self._unreplicated,
+        )
         self.indexes = ListingIndexes(self.client, self.keys, ttl_seconds)
-        self.circuit = CircuitBreaker(self.where, retry_interval, clock)
+        self.circuit = CircuitBreaker(self.where, retry_interval, clock, outage_errors(url))
         self.counts = StreamCount()
         self._run_id: str | None = None
         self._closed = False
@@ -168,7 +189,7 @@ class RedisStateStore:
             )
         try:
             self.client.ping()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self.circuit.record_failure(exc)
             raise StoreUnavailableError(f"Redis at {self.where} does not answer: {exc}") from exc
         self._mark_up()
@@ -196,7 +217,7 @@ class RedisStateStore:
             return
         try:
             self._refresh_run_id()
-        except redis.RedisError:
+        except STORE_ERRORS:
             self._run_id = None
         log.warning(
             "Redis at %s answers again after %.1fs; writing %d pending states",
@@ -215,7 +236,10 @@ class RedisStateStore:
             )
 
     def _refresh_run_id(self) -> str | None:
-        """The server's ``run_id`` (changes on every restart); None when INFO is not allowed."""
+        """The server's ``run_id`` (changes on every restart); None when INFO is not allowed, and
+        always None on a cluster (a failover changes the node, not the data: not a restart)."""
+        if self.cluster:
+            return None
         try:
             info = self.client.info("server")
         except redis.ResponseError:
@@ -228,7 +252,7 @@ class RedisStateStore:
         if self._run_id is None:
             try:
                 self._refresh_run_id()
-            except redis.RedisError:
+            except STORE_ERRORS:
                 return None
         return self._run_id
 
@@ -238,9 +262,18 @@ class RedisStateStore:
             return False
         try:
             current = self._refresh_run_id()
-        except redis.RedisError:
+        except STORE_ERRORS:
             return False
         return current is not None and current != entry.epoch
+
+    def _unreplicated(self, acked: int) -> None:
+        """A state write reached fewer replicas than ``wait_replicas`` in time: counted and logged."""
+        self._count_error("replica_wait")
+        log.warning("state write acknowledged by %d replicas of Redis at %s, wanted more", acked, self.where)
+
+    def _count_cache(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.store_cache.labels(result).inc()
 
     def _count_error(self, operation: str) -> None:
         if self.metrics is not None:
@@ -282,7 +315,7 @@ class RedisStateStore:
                 else:
                     counts.adjust(+1)
             self._epoch()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("create_stream")
             raise self._unavailable(f"register stream '{key.stream_id}'", exc) from exc
         self._mark_up()
@@ -305,7 +338,7 @@ class RedisStateStore:
                 raw = pipe.execute()[0]
             else:
                 raw = self.client.get(self.keys.record(key))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("get_stream")
             if self.circuit.record_failure(exc) and entry is not None:
                 return entry.record
@@ -327,7 +360,7 @@ class RedisStateStore:
         self._require_redis("list streams")
         try:
             page = self.indexes.page(tenant, offset, limit)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("list_streams")
             raise self._unavailable("list streams", exc) from exc
         self._mark_up()
@@ -343,7 +376,7 @@ class RedisStateStore:
                 pipe.delete(self.keys.record(key), self.keys.state(key))
                 existed = bool(pipe.execute()[0])
                 counts.adjust(-self.indexes.remove([member_of(key)]))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("delete_stream")
             raise self._unavailable(f"delete stream '{key.stream_id}'", exc) from exc
         self._mark_up()
@@ -366,7 +399,7 @@ class RedisStateStore:
         snapshot = self.counts.snapshot()
         try:
             total = self.indexes.total()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             if not self.circuit.record_failure(exc):
                 log.warning("stream count unavailable: %s", exc)
             return
@@ -382,6 +415,7 @@ class RedisStateStore:
         else from Redis (only the version and token cross the network when the cache is current)."""
         entry = self.cache.get(key)
         if self._cache_is_authoritative(entry):
+            self._count_cache("hit")
             return entry.stored
         if self.circuit.is_open:
             raise StoreUnavailableError(
@@ -393,7 +427,7 @@ class RedisStateStore:
         known_version, known_token = (cached.version, entry.token) if cached is not None and entry else (-1, "")
         try:
             reply = self.scripts.load(key, known_version, known_token)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("load_state")
             if self.circuit.record_failure(exc) and entry is not None and entry.known:
                 return entry.stored
@@ -409,7 +443,9 @@ class RedisStateStore:
             return None
         if code == L_SAME and cached is not None:
             self._confirm(entry, cached, known_token, cached.version, generation)
+            self._count_cache("hit")
             return cached
+        self._count_cache("miss")  # the state's bytes crossed the network and were deserialized
         version, token = int(reply[1]), _text(reply[2])
         state = state_from_bytes(bytes(reply[3]), device=self.device)
         stored = StoredState(state, version, int(reply[4]), float(reply[5]))
@@ -438,7 +474,7 @@ class RedisStateStore:
                 pipe.hmget(self.keys.state(key), ["v", "s", "n", "u"])
                 pipe.hstrlen(self.keys.state(key), "b")
             replies = pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("state_summaries")
             raise self._unavailable("describe stream states", exc) from exc
         for i, key in enumerate(remote):
@@ -466,7 +502,7 @@ class RedisStateStore:
                 token = uuid.uuid4().hex
                 try:
                     reply = self.scripts.write(key, entry.record, new, plan.base, token, list(entry.ambiguous), False)
-                except redis.RedisError as exc:
+                except STORE_ERRORS as exc:
                     self._count_error("save_state")
                     if not self.circuit.record_failure(exc):
                         raise self._unavailable(f"save the state of stream '{key.stream_id}'", exc) from exc
@@ -498,7 +534,7 @@ class RedisStateStore:
                 try:
                     self.scripts.write(key, entry.record, new, 0, token, [], True)
                     self.indexes.add(entry.record)
-                except redis.RedisError as exc:
+                except STORE_ERRORS as exc:
                     self._count_error("restore")
                     raise self._unavailable(f"restore stream '{key.stream_id}'", exc) from exc
                 self._confirm(entry, new, token, new.version)
@@ -531,7 +567,7 @@ class RedisStateStore:
         token = uuid.uuid4().hex
         try:
             code, current = self.scripts.write(key, None, new, expected_version, token, [], False)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._count_error("save_state")
             raise self._unavailable(f"save the state of stream '{key.stream_id}'", exc) from exc
         if code == MISSING:
@@ -558,7 +594,7 @@ class RedisStateStore:
                 else:
                     self.scripts.write(key, entry.record, stored, 0, token, [], True)
                 self.indexes.add(entry.record)
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._count_error("restore")
                 self.circuit.record_failure(exc)
                 return False
@@ -572,7 +608,7 @@ class RedisStateStore:
         """PING Redis for the prober; closes the circuit (and starts the catch-up) when it answers."""
         try:
             self.client.ping()
-        except redis.RedisError:
+        except STORE_ERRORS:
             return False
         self._mark_up()
         return True
@@ -600,7 +636,7 @@ class RedisStateStore:
             token = uuid.uuid4().hex
             try:
                 code, current = self.scripts.write(key, entry.record, job.stored, job.base, token, job.accepted, False)
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._count_error("flush")
                 self.circuit.record_failure(exc)
                 self.cache.add_ambiguous(entry, token)
@@ -635,7 +671,7 @@ class RedisStateStore:
         self._flusher.stop(timeout=5)
         try:
             left = self.flush()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             left = self.pending_states()
             log.error("flush at shutdown failed: %s", exc)
         if left:
