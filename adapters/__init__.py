@@ -4,7 +4,7 @@ Importing this package registers every built-in method; see :mod:`adapters.base`
 contract and :mod:`adapters.registry` for lookup by name.
 """
 
-from adapters import adab2n, alpha_bn, bn, cema, sar, source, tent, unmix_tns  # registers the built-in methods
+from adapters import adab2n, alpha_bn, auto, bn, cema, sar, source, tent, unmix_tns  # registers the built-in methods
 from adapters.base import Adapter, MethodConfig, Segment, StateMeta, StepInfo, StepResult, StreamState
 from adapters.registry import create_adapter, method_class, method_names, register
 
@@ -18,6 +18,7 @@ __all__ = [
     "StreamState",
     "adab2n",
     "alpha_bn",
+    "auto",
     "bn",
     "cema",
     "create_adapter",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,46 @@ def init_components(
     means = source_mean[None] + spread * source_var.sqrt()[None] * noise
     variances = ((1 - alpha_init) * source_var)[None].expand(k, -1).clone()
     return means.detach(), variances.detach()
+
+
+SPREAD_DIRECTIONS_SEED = 0
+"""Seed of the fixed direction draw of ``init="source_spread"``: the same for every stream and layer."""
+
+
+def spread_components(
+    source_mean: torch.Tensor, source_var: torch.Tensor, k: int, alpha_init: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K components spread around the source along fixed, exactly balanced directions (no stream seed).
+
+    Why: with the official random draw, which components sit where decides the result (the
+    accuracy of a 2,000-image stream moves by several points between seeds). Here the directions
+    d_k come from one constant-seeded draw, centred over k and scaled to unit RMS over k per
+    channel, so μ_k = μ_s + sqrt(α)·σ_s·d_k and σ²_k = (1 − α)·σ²_s give a uniform mixture with
+    exactly (not only in expectation) the source mean and variance, identical for every stream.
+    K = 1 gives the source statistics exactly.
+    """
+    if k == 1:
+        return source_mean.detach().clone()[None], source_var.detach().clone()[None]
+    generator = torch.Generator(device="cpu").manual_seed(SPREAD_DIRECTIONS_SEED)
+    directions = torch.randn((k, source_mean.numel()), generator=generator, dtype=torch.float64)
+    directions = directions - directions.mean(dim=0, keepdim=True)
+    directions = directions / directions.pow(2).mean(dim=0, keepdim=True).sqrt().clamp_min(1e-12)
+    directions = directions.to(device=source_mean.device, dtype=source_mean.dtype)
+    means = source_mean[None] + math.sqrt(alpha_init) * source_var.sqrt()[None] * directions
+    variances = ((1 - alpha_init) * source_var)[None].expand(k, -1).clone()
+    return means.detach(), variances.detach()
+
+
+def source_components(source_mean: torch.Tensor, source_var: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K copies of the source statistics: deterministic, but the components never separate.
+
+    Every sample is then assigned uniformly (equal cosines), so all K move identically: a
+    one-component memory mixed 1/K with each instance. Offered as the degenerate baseline.
+    """
+    return (
+        source_mean.detach().clone()[None].expand(k, -1).clone(),
+        source_var.detach().clone()[None].expand(k, -1).clone(),
+    )
 
 
 def assignment(instance_mean: torch.Tensor, means: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -234,6 +275,11 @@ class UnMixTNSConfig(MethodConfig):
     base_momentum: float | None = Field(
         None, ge=0.0, le=1.0, description="m of the momentum correction; None = each BN layer's own momentum"
     )
+    init: Literal["random", "source_spread", "source"] = Field(
+        "random",
+        description="component initialization: the official seeded random draw, fixed balanced directions "
+        "around the source (seed-independent), or K copies of the source",
+    )
 
 
 @register
@@ -264,13 +310,20 @@ class UnMixTNS(Adapter[UnMixTNSConfig]):
         return out
 
     def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
-        """Seeded components for every adapted BN layer (drawn in model order on one CPU generator)."""
+        """Components for every adapted BN layer (``init="random"``: drawn in model order, seeded CPU generator)."""
         cfg = self.config
         generator = torch.Generator(device="cpu").manual_seed(seed)
         tensors: Tensors = {}
         for name, layer in self._component_layers(model):
             source_mean, source_var = layer.source_stats()
-            means, variances = init_components(source_mean, source_var, cfg.num_components, cfg.alpha_init, generator)
+            if cfg.init == "source_spread":
+                means, variances = spread_components(source_mean, source_var, cfg.num_components, cfg.alpha_init)
+            elif cfg.init == "source":
+                means, variances = source_components(source_mean, source_var, cfg.num_components)
+            else:
+                means, variances = init_components(
+                    source_mean, source_var, cfg.num_components, cfg.alpha_init, generator
+                )
             tensors[qualified(name, MEANS)] = means
             tensors[qualified(name, VARS)] = variances
         return StreamState(tensors, self.new_meta(seed, model_hash))

@@ -119,6 +119,12 @@ class Metrics:
         self.samples_filtered = Counter(
             "tta_samples_filtered_total", "samples excluded from updates by a filter", ["model", "method"], registry=r
         )
+        self.auto_switches = Counter(
+            "tta_auto_switches_total",
+            "regime switches of `auto` streams, by the regime switched to (no stream id: bounded labels)",
+            ["model", "method", "to"],
+            registry=r,
+        )
         self.resets = Counter(
             "tta_resets_total", "stream resets (collapse recovery or API)", ["model", "method", "reason"], registry=r
         )

@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from adapters.auto import regime_name
 from tta_server.api.body import read_body
 from tta_server.api.deps import PrincipalDep, Services, ServicesDep
 from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
@@ -170,6 +171,7 @@ async def predict(
         adapted=output.adapted,
         batch_images=len(output.probs),
         predictions=predictions(output, outcome.rows, outcome.top_k),
+        regime=regime_name(output.info.extra.get("regime")),
     )
     # serialized once by pydantic (the schema above documents it); FastAPI would validate again
     return Response(body.model_dump_json(), media_type="application/json")

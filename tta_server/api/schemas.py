@@ -92,6 +92,7 @@ class DriftOut(BaseModel):
     lifetime_images: int
     lifetime_resets: int
     window_batches: dict[str, int]
+    regime: str | None = Field(None, description="`auto` streams: the regime of the latest batch")
 
 
 class StreamOut(BaseModel):
@@ -143,6 +144,7 @@ class PredictResponse(BaseModel):
     adapted: bool = Field(description="whether this batch updated the stream")
     batch_images: int = Field(description="images in the adaptation batch this request was part of")
     predictions: list[Prediction]
+    regime: str | None = Field(None, description="`auto` streams: the regime this batch was predicted in")
 
 
 class PredictJSON(BaseModel):

@@ -166,4 +166,5 @@ async def get_drift(stream_id: str, services: ServicesDep, principal: PrincipalD
         lifetime_images=summary.lifetime_images,
         lifetime_resets=summary.lifetime_resets,
         window_batches=summary.window_batches,
+        regime=summary.regime,
     )

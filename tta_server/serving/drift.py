@@ -33,6 +33,8 @@ class BatchSignals:
     sampled: int = 0
     disagreed: int = 0
     bn_shift: float | None = None
+    regime: str | None = None
+    """The regime an ``auto`` stream predicted this batch in (None for other methods)."""
 
 
 @dataclass
@@ -64,6 +66,8 @@ class DriftSummary:
     lifetime_images: int
     lifetime_resets: int
     window_batches: dict[str, int] = field(default_factory=dict)
+    regime: str | None = None
+    """The latest batch's regime of an ``auto`` stream (None for other methods)."""
 
 
 def summarize(batches: list[BatchSignals], num_classes: int) -> WindowSummary:
@@ -131,6 +135,7 @@ class DriftTracker:
             lifetime_images=lifetime[0],
             lifetime_resets=lifetime[1],
             window_batches={"short": self.short, "long": self.long},
+            regime=batches[-1].regime if batches else None,
         )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapters.auto import regime_name
 from adapters.base import StepInfo
 from adapters.norms import norm_kind_of
 from tta_server.metrics import Metrics
@@ -107,6 +108,9 @@ class MetricsObserver:
             m.samples_filtered.labels(*labels).inc(info.samples_filtered)
         if info.resets:
             m.resets.labels(*labels, "collapse").inc(info.resets)
+        regime = regime_name(info.extra.get("regime"))
+        if regime is not None and info.extra.get("switched", 0.0) > 0.5:
+            m.auto_switches.labels(*labels, regime).inc()
 
 
 class DriftObserver:
@@ -146,6 +150,7 @@ class DriftObserver:
                 sampled=sampled,
                 disagreed=disagreed,
                 bn_shift=bn_shift,
+                regime=regime_name(info.extra.get("regime")),
             ),
         )
 
