@@ -169,6 +169,8 @@ class PredictResult(Response):
     adapted: bool
     batch_images: int
     predictions: list[Prediction]
+    regime: str | None = None
+    """``auto`` streams: the regime this batch was predicted in (source, batch_mix, components)."""
 
     @property
     def labels(self) -> list[int]:

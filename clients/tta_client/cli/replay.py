@@ -76,12 +76,21 @@ class Run:
     batch_ends: list[int] = field(default_factory=list)
     batch_entropy: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    batch_regime: list[str | None] = field(default_factory=list)
 
-    def record(self, predicted: list[int], labels: np.ndarray, entropies: list[float], seconds: float) -> None:
+    def record(
+        self,
+        predicted: list[int],
+        labels: np.ndarray,
+        entropies: list[float],
+        seconds: float,
+        regime: str | None = None,
+    ) -> None:
         self.correct += [int(p) == int(t) for p, t in zip(predicted, labels, strict=True)]
         self.batch_ends.append(len(self.correct))
         self.batch_entropy.append(float(np.mean(entropies)))
         self.latencies.append(seconds)
+        self.batch_regime.append(regime)
 
     @property
     def accuracy(self) -> float:
@@ -197,7 +206,7 @@ def replay(
                 sent = time.perf_counter()
                 result = api.predict(r.stream_id, batch, adapt=not args.no_adapt, top_k=1)
                 entropies = [p.entropy for p in result.predictions]
-                r.record(result.labels, labels[start:stop], entropies, time.perf_counter() - sent)
+                r.record(result.labels, labels[start:stop], entropies, time.perf_counter() - sent, result.regime)
             score = "  ".join(
                 f"{r.method} {100 * r.accuracy:.1f}% (last {args.window}: {100 * r.window_accuracy(args.window):.1f}%)"
                 for r in runs
@@ -232,7 +241,10 @@ def report(
         if importlib.util.find_spec("matplotlib") is None:
             console.print("[yellow]no plot: matplotlib is missing (pip install 'tta-client[plot]')[/yellow]")
         else:
-            curves = [Curve(r.method, np.asarray(r.correct, dtype=bool), r.batch_ends, r.batch_entropy) for r in runs]
+            curves = [
+                Curve(r.method, np.asarray(r.correct, dtype=bool), r.batch_ends, r.batch_entropy, r.batch_regime)
+                for r in runs
+            ]
             plot_replay(curves, args.window, title, args.plot)
             console.print(f"plot written to {args.plot}")
     if args.json_out:
