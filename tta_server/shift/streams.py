@@ -48,6 +48,10 @@ class Setting(StrEnum):
     CONTINUAL = "continual"
     CORRELATED = "correlated"
     MIXED = "mixed"
+    SHIFTING = "shifting"
+    """Per corruption, never reset: the first half i.i.d. at the stream's batch size, the second half
+    label-correlated (Dirichlet) one image per batch. Why: a stream whose batch size and class
+    balance change midway, which no fixed method handles (the case ``auto`` is built for)."""
 
 
 class ImageSource(Protocol):
@@ -66,6 +70,8 @@ class Segment:
     domain_ids: np.ndarray
     indices: np.ndarray
     reset: bool
+    batch_size: int | None = None
+    """Images per batch in this segment (None: the stream's batch size)."""
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -149,6 +155,16 @@ def plan_segments(
         flat = rng.permutation(n * n_domains)
         return [Segment(flat // n, flat % n, reset=True)]
     segments = []
+    if setting is Setting.SHIFTING:
+        for d in range(n_domains):
+            rng = np.random.default_rng([seed, d, 11])
+            order = rng.permutation(n)
+            half, rest = order[: n // 2], np.sort(order[n // 2 :])
+            correlated = rest[dirichlet_label_order(labels[rest], delta, rng)] if len(rest) else rest
+            ids = np.full(n, d, dtype=np.int64)
+            segments.append(Segment(ids[: len(half)], half, reset=d == 0))
+            segments.append(Segment(ids[: len(correlated)], correlated, reset=False, batch_size=1))
+        return [s for s in segments if len(s)]
     for d in range(n_domains):
         rng = np.random.default_rng([seed, d])
         order = dirichlet_label_order(labels, delta, rng) if setting is Setting.CORRELATED else rng.permutation(n)
@@ -191,7 +207,7 @@ class CorruptionStream:
 
     @property
     def n_batches(self) -> int:
-        return sum(-(-len(s) // self.batch_size) for s in self.segments)
+        return sum(-(-len(s) // (s.batch_size or self.batch_size)) for s in self.segments)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -204,8 +220,9 @@ class CorruptionStream:
             if len(arrays) == 1:
                 ((only, images),) = arrays.items()
                 arrays = {only: np.array(images)}  # one corrupted set in memory: fast batch gathers
-            for offset in range(0, len(segment), self.batch_size):
-                sel = slice(offset, offset + self.batch_size)
+            size = segment.batch_size or self.batch_size
+            for offset in range(0, len(segment), size):
+                sel = slice(offset, offset + size)
                 idx, dom = segment.indices[sel], segment.domain_ids[sel]
                 yield StreamBatch(
                     x=self._gather(arrays, dom, idx),
