@@ -131,7 +131,7 @@ class Metrics:
         self.active_streams = Gauge("tta_active_streams", "streams registered in this process's store", registry=r)
         self.streams_evicted = Counter(
             "tta_streams_evicted_total",
-            "streams the memory store dropped, state and all: lru = over memory_max_streams, ttl = idle past memory_ttl_s",
+            "streams the memory store dropped with their state: lru = over memory_max_streams, ttl = idle too long",
             ["reason"],
             registry=r,
         )
