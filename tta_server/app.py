@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 
 import torch
@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.errors import AdapterError
 from tta_server.api import docs_routes, health, methods_routes, models_routes, predict, streams, v2
@@ -161,24 +162,52 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware: counts and times every answer by route template, and answers server faults.
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs the
+    app in a task group behind memory streams and rebuilds the response, which cost a measured
+    share of a single-image predict's CPU (benchmarks/results/request_path.md); here the status
+    is read from the ``http.response.start`` message on its way out. An exception that escapes
+    the routes before an answer started is answered with :func:`error_response` (a 500 in the
+    one error shape) and counted like any other answer.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception as exc:  # a fault after the answer started cannot be answered again: it propagates
+            await error_response(exc, str(scope.get("path", "")))(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = str(scope.get("method", ""))
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+
+
 def install_metrics(app: FastAPI, metrics: Metrics) -> None:
     """Count and time every request by its route template (bounded labels) and serve /metrics.
 
     Server faults are answered here, inside the counting middleware (not by the outermost
     error middleware, which no inner middleware sees), so every 500 is counted like any answer.
     """
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as exc:
-            response = error_response(exc, request.url.path)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     def _metrics() -> Response:
@@ -197,7 +226,8 @@ def build_services(settings: Settings) -> Services:
     store = open_store(settings.store_options(), metrics, hub.device)
     drift = DriftTracker(sample_every=settings.drift_sample_every)
     observers = Observers([MetricsObserver(metrics), DriftObserver(drift, metrics)], metrics)
-    worker = ModelWorker(hub, store, observers)
+    autocast = None if settings.autocast == "off" else settings.autocast
+    worker = ModelWorker(hub, store, observers, channels_last=settings.channels_last, autocast=autocast)
 
     def on_batch(images: int, requests: int, streams: int) -> None:
         metrics.batch_images.observe(images)

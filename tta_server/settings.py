@@ -82,6 +82,14 @@ class Settings(BaseSettings):
         0, ge=0, le=16, description="redis store: acknowledge a state write once this many replicas have it (WAIT)"
     )
     drift_sample_every: int = Field(10, ge=0, description="run the source model every N batches (0 = never)")
+    channels_last: bool = Field(
+        True, description="hand the model NHWC-strided input (faster convolutions on CPU and tensor-core GPUs)"
+    )
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="CUDA only: mixed-precision forward for the forward-only methods (source, bn, alpha_bn, "
+        "unmix_tns, adab2n); changes a few top-1 answers (docs/operations.md); ignored on the CPU",
+    )
     torch_threads: int | None = Field(
         None, ge=1, le=512, description="torch CPU threads of the model worker (default: torch's choice, all cores)"
     )
@@ -119,7 +127,7 @@ class Settings(BaseSettings):
             parse_cluster_url(v)  # seeds must be host:port, database 0; the error names no credentials
         return v
 
-    @field_validator("log_level", "log_format", "tracing", mode="before")
+    @field_validator("log_level", "log_format", "tracing", "autocast", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v

@@ -43,7 +43,9 @@ class Services:
     startup: StartupStatus = field(default_factory=StartupStatus)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The app's services. ``async`` (like every dependency here) because FastAPI runs a plain
+    ``def`` dependency in its thread pool: two thread hops per request for two dict lookups."""
     services: Services = request.app.state.services
     return services
 
@@ -78,7 +80,7 @@ def check_tenant_header(x_tenant: str | None) -> None:
         )
 
 
-def get_principal(
+async def get_principal(
     services: ServicesDep,
     request: Request,
     _: BearerDep,
@@ -93,7 +95,7 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_key(services: ServicesDep, request: Request, _: BearerDep) -> None:
+async def require_key(services: ServicesDep, request: Request, _: BearerDep) -> None:
     """Guard of the catalogue and docs routes, installed only with ``require_key_for_catalog_and_docs``:
     any configured key (of any tenant) opens them, no key is 401."""
     authenticate(services.settings.api_keys, request.headers.get("authorization"), None)

@@ -382,4 +382,6 @@ class Batcher(Generic[R]):
                         request.future.set_result((result, slice(start, start + request.size)))
                 start += request.size
         if outcome.after is not None:
-            await loop.run_in_executor(self._executor, outcome.after)
+            # queued on the worker thread, not awaited: the next batch runs after it on that same thread,
+            # and the loop saves a wake-up per batch (the deferred observers log their own errors)
+            self._executor.submit(segments[0][0].context.run, outcome.after)

@@ -13,7 +13,9 @@ loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,8 +39,15 @@ from tta_server.serving.state_checks import check_state_fits
 from tta_server.state.base import StateStore, StreamRecord, VersionConflictError
 from tta_server.zoo.catalogue import LoadedModel
 
+log = logging.getLogger(__name__)
+
 CAS_ATTEMPTS = 5
 """How often a batch is recomputed when another replica wrote the stream concurrently."""
+
+FORWARD_ONLY = frozenset({"source", "bn", "alpha_bn", "unmix_tns", "adab2n"})
+"""Methods whose step is a forward pass alone (no gradient): the only ones the ``autocast`` setting touches,
+because a half-precision backward would change what a gradient method learns, not just what it answers."""
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,24 @@ class BatchOutput:
 class ModelWorker:
     """Method setups (prepared models, bound adapters) and per-stream steps for one device."""
 
-    def __init__(self, hub: ModelHub, store: StateStore, observers: Observers) -> None:
+    def __init__(
+        self,
+        hub: ModelHub,
+        store: StateStore,
+        observers: Observers,
+        *,
+        channels_last: bool = True,
+        autocast: str | None = None,
+    ) -> None:
         self.hub = hub
         self.store = store
         self.observers = observers
+        self.channels_last = channels_last
+        self.autocast = autocast if hub.device.startswith("cuda") else None
+        if autocast is not None and self.autocast is None:
+            # measured (benchmarks/results/autocast_agreement.md): on the CPU, bf16 autocast breaks the
+            # BN-adapting methods (batch_norm refuses bf16 input with fp32 statistics) and ran 8x slower
+            log.warning("autocast=%s applies on CUDA only; %s runs in fp32", autocast, hub.device)
         self._setups: dict[tuple[str, str, str], MethodSetup] = {}
         self._prepared: dict[tuple[str, str], nn.Module] = {}
         self._lock = threading.RLock()
@@ -136,6 +159,13 @@ class ModelWorker:
         self._observe(events, deferred=True)
         return output
 
+    def _precision(self, setup: MethodSetup) -> contextlib.AbstractContextManager[object]:
+        """Autocast around a forward-only method's step when the ``autocast`` setting asks; else nothing."""
+        if self.autocast is None or setup.adapter.name not in FORWARD_ONLY:
+            return contextlib.nullcontext()
+        device_type = "cuda" if self.hub.device.startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[self.autocast])
+
     def _observe(self, events: list[StepEvent], deferred: bool) -> None:
         for event in events:
             self.observers.notify(event, deferred)
@@ -147,11 +177,11 @@ class ModelWorker:
         """
         record, adapt = job.record, job.adapt
         setup = self._setup_of(record)
-        x = model_inputs(job.images, setup.spec, self.hub.device)
+        x = model_inputs(job.images, setup.spec, self.hub.device, self.channels_last)
         for attempt in range(1, CAS_ATTEMPTS + 1):
             state, version, seen = self.current_state(record, setup)
             started = time.perf_counter()
-            with span("tta.step"):
+            with span("tta.step"), self._precision(setup):
                 result = setup.adapter.step(setup.model, x, state, adapt=adapt)
             elapsed = time.perf_counter() - started
             try:
@@ -172,13 +202,19 @@ class ModelWorker:
         seen: int,
         elapsed: float,
         events: list[StepEvent],
+        probs: np.ndarray | None = None,
     ) -> BatchOutput:
-        """Write the step's state (compare-and-set) and describe the outcome; raises on a lost race."""
+        """Write the step's state (compare-and-set) and describe the outcome; raises on a lost race.
+
+        ``probs``: the stream's rows of a fused batch's probabilities, already on the host (one
+        device-to-host copy for the whole batch instead of one per stream).
+        """
         new_version = version
         if job.adapt:
             with span("tta.store.write"):
                 new_version = self.store.save_state(job.record.key, result.state, version, seen + len(job.images))
-        probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
+        if probs is None:
+            probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
         step = result.state.meta.step
         events.append(
             StepEvent(job.record, setup.loaded, x, probs, result.info, step, elapsed, job.adapt, result.state.nbytes())
@@ -190,7 +226,7 @@ class ModelWorker:
         results: list[BatchOutput | BaseException | None] = [None] * len(jobs)
         setup = self._setup_of(jobs[0].record)
         sizes = [len(job.images) for job in jobs]
-        x_all = model_inputs(np.concatenate([job.images for job in jobs]), setup.spec, self.hub.device)
+        x_all = model_inputs([job.images for job in jobs], setup.spec, self.hub.device, self.channels_last)
         xs = list(torch.split(x_all, sizes))
         loaded: list[tuple[int, StreamState, int, int]] = []
         for i, job in enumerate(jobs):
@@ -201,14 +237,21 @@ class ModelWorker:
                 continue
             loaded.append((i, state, version, seen))
         started = time.perf_counter()
-        with span("tta.step", {"tta.streams": len(loaded)}):
+        with span("tta.step", {"tta.streams": len(loaded)}), self._precision(setup):
             stepped = setup.adapter.step_many(
                 setup.model, [Segment(xs[i], state, jobs[i].adapt) for i, state, _, _ in loaded]
             )
         elapsed = (time.perf_counter() - started) / max(len(loaded), 1)
-        for (i, _, version, seen), result in zip(loaded, stepped, strict=True):
+        probs_all = (
+            torch.softmax(torch.cat([r.logits.detach().float() for r in stepped]), dim=1).cpu().numpy()
+            if stepped
+            else np.empty((0, 0), dtype=np.float32)
+        )
+        offsets = np.cumsum([0] + [len(r.logits) for r in stepped])
+        for k, ((i, _, version, seen), result) in enumerate(zip(loaded, stepped, strict=True)):
+            probs = probs_all[offsets[k] : offsets[k + 1]]
             try:
-                results[i] = self._finish(jobs[i], setup, xs[i], result, version, seen, elapsed, events)
+                results[i] = self._finish(jobs[i], setup, xs[i], result, version, seen, elapsed, events, probs)
             except VersionConflictError:
                 self.observers.metrics.store_errors.labels("version_conflict").inc()
                 results[i] = self._retry_alone(jobs[i], events)
