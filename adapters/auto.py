@@ -123,7 +123,7 @@ class AutoConfig(MethodConfig):
     component_momentum: float = Field(0.1, gt=0.0, le=1.0, description="component momentum per call, any B")
     init: Literal["random", "source_spread", "source"] = "source_spread"
     harm_margin: float = Field(
-        0.1, ge=0.0, le=1.0, description="fall back to source when adapted entropy exceeds source's by this·ln C"
+        0.25, ge=0.0, le=1.0, description="fall back to source when adapted entropy exceeds source's by this·ln C"
     )
     ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the harm and class-balance signals")
 

@@ -2,7 +2,7 @@
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
 # PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
-#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | cost (NOTE=...) | report
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | cost (NOTE=...) | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -60,6 +60,40 @@ case "$PHASE" in
     run --model resnet20 --method unmix_tns --config "${BS64_CONFIG:?set BS64_CONFIG}" --setting iid --batch-size 64
     run --model resnet20 --method unmix_tns --config "${BS1_CONFIG:?set BS1_CONFIG}" --setting iid --batch-size 1 \
         --limit 1000 ;;
+  unmix-init)
+    # UnMix-TNS component initialization: seed 1 picks among the inits, seeds 0,2,3,4,5 measure the spread
+    # (5 corruptions, 2,000-image streams); the `source` model on the same streams is the data-noise floor
+    C=gaussian_noise,defocus_blur,frost,contrast,jpeg_compression
+    for init in random source_spread source; do
+      run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting iid --batch-size 64 \
+          --corruptions $C --limit 2000 --seed 1 --out "$OUT-tuning/unmix-init-$init"
+    done
+    for init in random source source_spread; do for seed in 0 2 3 4 5; do
+      run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting iid --batch-size 64 \
+          --corruptions $C --limit 2000 --seed "$seed" --out benchmarks/results/unmix-init/$init
+    done; done
+    for seed in 0 2 3 4 5; do
+      run --model resnet20 --method source --setting iid --batch-size 64 --corruptions $C --limit 2000 --seed "$seed" \
+          --out benchmarks/results/unmix-init/source-model
+    done ;;
+  auto-subset)
+    # `auto` against source and the best single method per setting, on a 3-corruption subset, seed 0
+    C=gaussian_noise,frost,jpeg_compression
+    O=benchmarks/results/auto-subset
+    sub() { run --model resnet20 --seed 0 --out "$O" --corruptions "$C" "$@"; }
+    for m in auto source; do sub --method $m --setting iid --batch-size 64 --limit 2000; done
+    sub --method alpha_bn --config '{"source_weight": 0.6}' --setting iid --batch-size 64 --limit 2000
+    for m in auto source unmix_tns; do sub --method $m --setting correlated --batch-size 64 --limit 2000; done
+    for m in auto source; do run --model resnet20 --method $m --setting iid --batch-size 64 --corruptions none \
+        --limit 2000 --out "$O"; done
+    run --model resnet20 --method alpha_bn --config '{"source_weight": 0.6}' --setting iid --batch-size 64 \
+        --corruptions none --limit 2000 --out "$O"
+    for m in auto source; do sub --method $m --setting iid --batch-size 1 --limit 300; done
+    sub --method unmix_tns --config '{"batch_size_max": 1}' --setting iid --batch-size 1 --limit 300
+    for m in auto source bn adab2n; do sub --method $m --setting continual --batch-size 16 --limit 2000; done
+    for m in auto source bn; do sub --method $m --setting mixed --batch-size 64 --limit 2000; done
+    sub --method alpha_bn --config '{"source_weight": 0.6}' --setting mixed --batch-size 64 --limit 2000
+    for m in auto source unmix_tns alpha_bn; do sub --method $m --setting shifting --batch-size 64 --limit 1000; done ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
         --markdown docs/cost.md --note "${NOTE:-}" ;;
