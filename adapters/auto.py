@@ -37,9 +37,9 @@ stream predicts with the source model until the EMA falls below half of it (hyst
 disagreement with the source is reported (``extra["disagreement"]``) but not used: under a
 strong shift a good adaptation legitimately disagrees with the source on most images.
 
-- Prediction: after the components' update of this batch is computed (the components' forward
-  predicts with the pre-update components, as ``unmix_tns``); the state changes only if
-  ``adapt``. A dry run gives the same prediction.
+- Prediction: in the call that computes this batch's component update; the components' forward
+  normalizes with the pre-update components mixed with each sample's own statistics, as
+  ``unmix_tns``. The state changes only if ``adapt``; a dry run gives the same prediction.
 - Cost per batch: 2 forwards (components + source), 3 in the ``batch_mix`` regime. State: the
   components (2·K·C per BN layer), the stream's running mean prediction (C) and a float64 vector
   of signals (:data:`SIGNALS`).
@@ -221,7 +221,7 @@ class Auto(Adapter[AutoConfig]):
         return [(name, m) for name, m in self._layers(model) if not m.replaces_1d]
 
     def init_state(self, model: nn.Module, seed: int = 0, model_hash: str = "") -> StreamState:
-        """Components for every adapted BN layer (none on GN/LN models) and fresh signals."""
+        """Components for every BN2d layer (BN1d keeps the source), a uniform running prediction, fresh signals."""
         cfg = self.config
         generator = torch.Generator(device="cpu").manual_seed(seed)
         tensors: Tensors = {}
