@@ -2,7 +2,7 @@
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
 # PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
-#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | cost (NOTE=...) | report
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | auto-15 | cost (NOTE=...) | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -94,6 +94,15 @@ case "$PHASE" in
     for m in auto source bn; do sub --method $m --setting mixed --batch-size 64 --limit 2000; done
     sub --method alpha_bn --config '{"source_weight": 0.6}' --setting mixed --batch-size 64 --limit 2000
     for m in auto source unmix_tns alpha_bn; do sub --method $m --setting shifting --batch-size 64 --limit 1000; done ;;
+  auto-15)
+    # `auto` on all 15 corruptions, 2,000-image streams, seed 0, against source and the best single method
+    O=benchmarks/results/auto-15
+    run --model resnet20 --method source --setting iid --batch-size 64 --limit 2000 --out "$O"
+    run --model resnet20 --method auto --setting iid --batch-size 64 --limit 2000 --out "$O"
+    run --model resnet20 --method alpha_bn --config '{"source_weight": 0.6}' --setting iid --batch-size 64 --limit 2000 \
+        --out "$O"
+    for m in auto unmix_tns; do run --model resnet20 --method $m --setting correlated --batch-size 64 --limit 2000 \
+        --out "$O"; done ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
         --markdown docs/cost.md --note "${NOTE:-}" ;;
