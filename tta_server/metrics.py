@@ -140,7 +140,7 @@ class Metrics:
         )
         self.store_cache = Counter(
             "tta_store_cache_total",
-            "state loads by the Redis store: hit = served by the hot cache (no state bytes read), miss = read from Redis",
+            "Redis store state loads: hit = served by the hot cache (no state bytes read), miss = read from Redis",
             ["result"],
             registry=r,
         )
