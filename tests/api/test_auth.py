@@ -122,9 +122,10 @@ def test_a_setting_puts_the_catalogue_and_docs_behind_a_key(settings: Settings) 
         assert c.get("/docs/oauth2-redirect").status_code in (401, 404)
         for path in ALWAYS_PUBLIC:
             assert c.get(path).status_code == 200, path
-        assert "HTTPBearer" in c.get("/openapi.json", headers=auth("acme-key-0123456789")).json()["components"][
-            "securitySchemes"
-        ]
+        assert (
+            "HTTPBearer"
+            in c.get("/openapi.json", headers=auth("acme-key-0123456789")).json()["components"]["securitySchemes"]
+        )
 
 
 def test_the_setting_changes_nothing_without_keys(settings: Settings) -> None:

@@ -83,4 +83,6 @@ def open_store(
             metrics=metrics,
         )
     shown = url.rsplit("@", maxsplit=1)[-1]
-    raise ValueError(f"unsupported state store URL {shown!r}; use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://")
+    raise ValueError(
+        f"unsupported state store URL {shown!r}; use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://"
+    )
