@@ -34,6 +34,12 @@ class ModelHub:
                 self._loaded[name] = self.catalogue.load(name, self.device)
             return self._loaded[name]
 
+    def loaded_sha256(self, name: str) -> str | None:
+        """The weights hash of model ``name`` if it is in memory (never loads it: safe on the event loop)."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        return loaded.sha256 if loaded is not None else None
+
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)

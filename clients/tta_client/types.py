@@ -112,6 +112,8 @@ class Drift(Response):
     lifetime_images: int
     lifetime_resets: int
     window_batches: dict[str, int]
+    regime: str | None = None
+    """``auto`` streams: the regime of the latest batch."""
 
 
 class Stream(Response):
@@ -130,6 +132,7 @@ class Stream(Response):
     samples_seen: int
     version: int
     state_bytes: int
+    model_sha256: str | None = None
     drift: Window | None = None
 
 

@@ -191,3 +191,13 @@ def test_state_for_other_weights_is_refused_until_reset(client: TestClient) -> N
     assert r.status_code == 422 and "state made for weights 000000000000" in r.json()["error"]["message"]
     assert client.post("/v1/streams/w/reset").status_code == 200
     assert client.post("/v1/streams/w/predict", content=npy_bytes(random_images(2)), headers=NPY).status_code == 200
+
+
+def test_a_stream_description_names_the_weights_its_model_runs(client: TestClient) -> None:
+    create(client, stream_id="hashed", method="bn")
+    weights = client.get("/v1/models/resnet20").json()
+    described = client.get("/v1/streams/hashed").json()
+    listed = next(s for s in client.get("/v1/streams").json()["streams"] if s["stream_id"] == "hashed")
+    assert described["model_sha256"] == listed["model_sha256"]
+    assert described["model_sha256"] is not None and len(described["model_sha256"]) == 64
+    assert described["model_sha256"] in str(weights)

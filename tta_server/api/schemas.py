@@ -111,6 +111,9 @@ class StreamOut(BaseModel):
     state_bytes: int = Field(
         description="size of the stored state: tensor bytes in the memory store, the serialized blob in Redis"
     )
+    model_sha256: str | None = Field(
+        None, description="sha256 of the weights this server runs the stream's model with (None before it is loaded)"
+    )
     drift: WindowOut | None = None
 
 

@@ -49,6 +49,7 @@ def stream_out(view: StreamView) -> StreamOut:
         samples_seen=summary.samples_seen if summary else 0,
         version=summary.version if summary else 0,
         state_bytes=summary.state_bytes if summary else 0,
+        model_sha256=view.model_sha256,
         drift=WindowOut(**vars(view.drift)) if view.drift else None,
     )
 

@@ -64,6 +64,7 @@ class StreamView:
     record: StreamRecord
     summary: StateSummary | None
     drift: WindowSummary | None
+    model_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,12 @@ class StreamService:
             created_at=time.time(),
         )
         await self._store(self.store.create_stream, record)
-        return StreamView(record, None, self._short_drift(record))
+        return StreamView(record, None, self._short_drift(record), self.hub.loaded_sha256(record.model))
 
     async def get(self, key: StreamKey) -> StreamView:
         record = await self.record(key)
         summaries = await self._store(self.store.state_summaries, [key])
-        return StreamView(record, summaries.get(key), self._short_drift(record))
+        return StreamView(record, summaries.get(key), self._short_drift(record), self.hub.loaded_sha256(record.model))
 
     async def list(self, tenant: str | None, offset: int, limit: int) -> tuple[list[StreamView], int]:
         """A page of streams (every tenant's when ``tenant`` is None) and the total count."""
@@ -158,7 +159,7 @@ class StreamService:
             return records, self.store.state_summaries([r.key for r in records]), total
 
         records, summaries, total = await self._store(page)
-        return [StreamView(r, summaries.get(r.key), None) for r in records], total
+        return [StreamView(r, summaries.get(r.key), None, self.hub.loaded_sha256(r.model)) for r in records], total
 
     async def delete(self, key: StreamKey) -> None:
         await self._store(self.store.delete_stream, key)
