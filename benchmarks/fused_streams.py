@@ -35,7 +35,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 
 from adapters import Segment, create_adapter
+from tests.support.processes import free_port
 from tta_server.zoo.catalogue import build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
@@ -59,13 +59,6 @@ MAX_DELAY_MS = 5.0
 """tta-server's default coalescing wait; the p99 target at 64 x 1 is stated against it."""
 ISSUE_64X1 = {"source": 82.0, "bn": 64.0}
 """The top of the 64 x 1 rates measured before fusion (issue 15), images/s; the targets are 5x these."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cpu_seconds(pid: int) -> float:

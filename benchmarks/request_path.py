@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fused_streams import Server, create_streams, free_port, load, npy_body, sequential, wait_ready
+from benchmarks.fused_streams import Server, create_streams, load, npy_body, sequential, wait_ready
+from tests.support.processes import free_port
 
 TTA = (
     "import sys, uvicorn; from tta_server.app import create_app; from tta_server.settings import Settings; "

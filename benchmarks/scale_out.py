@@ -37,6 +37,7 @@ import httpx
 import numpy as np
 import redis
 
+from tests.support.processes import free_port, wait_until_ready
 from tests.support.proxy import Proxy, haproxy_binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,15 +52,6 @@ class Server:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start_server(redis_url: str, prefix: str, models_dir: Path, method_threads: int, log: Path) -> Server:
@@ -79,17 +71,7 @@ def start_server(redis_url: str, prefix: str, models_dir: Path, method_threads: 
 
 
 def wait_ready(server: Server, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server on {server.port} exited with {server.proc.returncode}")
-        try:
-            if httpx.get(f"{server.base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server on {server.port} not ready")
+    wait_until_ready(server.proc, f"{server.base}/readyz", seconds, f"server on {server.port}")
 
 
 def counters(server: Server) -> dict[str, float]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,14 +24,9 @@ from tritonclient.utils import InferenceServerException
 
 from tests.api.helpers import NPY, npy_bytes, random_images
 from tests.conftest import SHARED
+from tests.support.processes import free_port
 from tta_server.app import create_app
 from tta_server.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,19 +20,12 @@ import pytest
 import redis
 
 from tests.api.helpers import npy_bytes, random_images
+from tests.support.processes import free_port, wait_until_ready
 from tests.support.redis_server import find_server_binary, redis_url_for_tests, start_server, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_BIN = REPO / ".venv" / "bin" / "tta-server"
 NPY = {"content-type": "application/x-npy"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def delete_prefix(url: str, prefix: str) -> None:
@@ -136,17 +127,7 @@ class ServerProcess:
         return httpx.Client(base_url=self.base, timeout=timeout)
 
     def wait_ready(self, seconds: float = 90.0) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server on port {self.port} not ready after {seconds}s:\n{self.log_tail()}")
+        wait_until_ready(self.proc, f"{self.base}/readyz", seconds, f"server on port {self.port}", self.log_tail)
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""

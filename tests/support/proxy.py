@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from tests.support.processes import free_port, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "docker" / "haproxy" / "haproxy.cfg"
@@ -25,13 +23,6 @@ def haproxy_binary() -> Path | None:
     """The haproxy binary on PATH (or Debian's /usr/sbin), or None."""
     found = shutil.which("haproxy") or (shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin"))
     return Path(found) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -54,7 +45,7 @@ class Proxy:
         """Start haproxy and wait until it routes a request to a ready replica."""
         if len(self.replicas) != 3:
             raise ValueError("the config names three static replicas (TTA_REPLICA_1..3)")
-        self.port, self.stats_port = _free_port(), _free_port()
+        self.port, self.stats_port = free_port(), free_port()
         env = {
             **os.environ,
             "TTA_PROXY_BIND": f"127.0.0.1:{self.port}",
@@ -70,17 +61,8 @@ class Proxy:
             self.proc = subprocess.Popen(
                 [str(self.binary), "-db", "-f", str(CONFIG)], stdout=log, stderr=subprocess.STDOUT, env=env
             )
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"haproxy on port {self.port} routes nothing after {seconds}s:\n{self.log_tail()}")
+        # ready once a replica answers /readyz through the proxy
+        wait_until_ready(self.proc, f"{self.base}/readyz", seconds, f"haproxy on port {self.port}", self.log_tail, 0.1)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
