@@ -96,15 +96,15 @@ from adapters.functional import (
 from adapters.layers import (
     StreamBatchNorm,
     check_source_statistics,
+    fused_with_segment_affine,
     prepared_layers,
-    segment_affine_ready,
     segment_layers,
     swap_affine_norms,
     swap_batchnorms,
 )
 from adapters.norms import NormKind
 from adapters.registry import register
-from adapters.segments import FusedBatch, fused_or_stepped, segment_names, stacked
+from adapters.segments import FusedBatch, segment_names, stacked
 from adapters.validation import check_fifo_buffer, check_same_tensors, check_values
 
 TEACHER_ROLE = "teacher"
@@ -515,9 +515,7 @@ class CEMA(Adapter[CEMAConfig]):
 
     def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         """The edge forwards of all segments fused into one pass; selection and cloud per stream."""
-        if not segments or not segment_affine_ready(model, unprefixed(EDGE + AFFINE, segments[0].state.tensors)):
-            return super().step_many(model, segments)
-        return fused_or_stepped(self, model, segments, self._fused)
+        return fused_with_segment_affine(self, model, segments, self._fused, EDGE + AFFINE)
 
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         batch = FusedBatch.of([seg.x for seg in segments])

@@ -30,18 +30,19 @@ layers are per-sample already; gradient methods swap them for :class:`StreamGrou
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from adapters.base import Adapter, Segment, StepResult
 from adapters.errors import UnsupportedModelError
-from adapters.functional import modules_of_type, var_mean
+from adapters.functional import modules_of_type, unprefixed, var_mean
 from adapters.norms import ChannelLayerNorm, NormKind, norm_layers
-from adapters.segments import SEGMENT_BUFFERS, segment_moments
+from adapters.segments import SEGMENT_BUFFERS, FusedStep, fused_or_stepped, segment_moments
 
 L = TypeVar("L", bound="StreamBatchNorm")
 
@@ -353,6 +354,16 @@ def segment_affine_ready(model: nn.Module, keys: Iterable[str]) -> bool:
     """Whether every layer owning one of ``keys`` (``layer.weight``...) can take a per-segment affine."""
     aware = set(segment_layers(model))
     return all(key.rpartition(".")[0] in aware for key in keys)
+
+
+def fused_with_segment_affine(
+    adapter: Adapter[Any], model: nn.Module, segments: Sequence[Segment], fused: FusedStep, affine_prefix: str
+) -> list[StepResult]:
+    """``step_many`` of a method that adapts norm affines (stored under ``affine_prefix``): fused when every
+    layer owning one can take a per-segment affine, else each segment steps alone (a subclassed norm layer)."""
+    if not segments or not segment_affine_ready(model, unprefixed(affine_prefix, segments[0].state.tensors)):
+        return [adapter.step(model, seg.x, seg.state, adapt=seg.adapt) for seg in segments]
+    return fused_or_stepped(adapter, model, segments, fused)
 
 
 def swap_batchnorms(model: nn.Module, factory: Callable[[_BatchNorm], nn.Module]) -> nn.Module:

@@ -65,10 +65,15 @@ from adapters.functional import (
     unprefixed,
     zeros_like_all,
 )
-from adapters.layers import BatchStatsNorm, segment_affine_ready, swap_affine_norms, swap_batchnorms
+from adapters.layers import (
+    BatchStatsNorm,
+    fused_with_segment_affine,
+    swap_affine_norms,
+    swap_batchnorms,
+)
 from adapters.norms import NormKind, norm_kind_of, norm_layers
 from adapters.registry import register
-from adapters.segments import FusedBatch, fused_or_stepped, segment_losses
+from adapters.segments import FusedBatch, segment_losses
 from adapters.tent import batch_stats_flags, fused_affine_forward, segment_grads
 
 PARAM = "affine/"
@@ -212,9 +217,7 @@ class SAR(Adapter[SARConfig]):
 
     def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         """Both SAR passes fused over the segments; filters, SAM norms and updates per segment."""
-        if not segments or not segment_affine_ready(model, unprefixed(PARAM, segments[0].state.tensors)):
-            return super().step_many(model, segments)
-        return fused_or_stepped(self, model, segments, self._fused)
+        return fused_with_segment_affine(self, model, segments, self._fused, PARAM)
 
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         cfg = self.config

@@ -54,15 +54,15 @@ from adapters.functional import (
 )
 from adapters.layers import (
     BatchStatsNorm,
+    fused_with_segment_affine,
     prepared_layers,
-    segment_affine_ready,
     segment_layers,
     swap_affine_norms,
     swap_batchnorms,
 )
 from adapters.norms import NormKind
 from adapters.registry import register
-from adapters.segments import FusedBatch, fused_or_stepped, row, segment_losses, segment_names, stacked
+from adapters.segments import FusedBatch, row, segment_losses, segment_names, stacked
 
 PARAM = "affine/"
 MOMENT1 = "opt_m/"
@@ -172,9 +172,7 @@ class Tent(Adapter[TentConfig]):
 
     def step_many(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         """Fused forwards and backwards over all segments (per-segment optimizer updates)."""
-        if not segments or not segment_affine_ready(model, unprefixed(PARAM, segments[0].state.tensors)):
-            return super().step_many(model, segments)
-        return fused_or_stepped(self, model, segments, self._fused)
+        return fused_with_segment_affine(self, model, segments, self._fused, PARAM)
 
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         cfg = self.config
