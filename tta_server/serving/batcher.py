@@ -69,6 +69,8 @@ class PendingRequest(Generic[R]):
     adapt: bool
     deadline: float
     future: asyncio.Future[tuple[R, slice]]
+    group: Hashable = None
+    """The fusion group of the request's stream, computed once at submit (the loop compares it often)."""
     enqueued_at: float = field(default_factory=time.monotonic)
     enqueued_ns: int = field(default_factory=time.time_ns)
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -244,7 +246,7 @@ class Batcher(Generic[R]):
             self._reserved -= 1
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
-            record, images, adapt, time.monotonic() + self.timeout, loop.create_future()
+            record, images, adapt, time.monotonic() + self.timeout, loop.create_future(), self._group(record)
         )
         queue = self._pending.setdefault(record.key, deque())
         queue.append(request)
@@ -265,8 +267,8 @@ class Batcher(Generic[R]):
             return 0
         if not self.fuses:
             return queued_images(queue)
-        group = self._group(queue[0].record)
-        return sum(queued_images(q) for q in self._pending.values() if q and self._group(q[0].record) == group)
+        group = queue[0].group
+        return sum(queued_images(q) for q in self._pending.values() if q and q[0].group == group)
 
     async def _gather(self, lead: StreamKey) -> None:
         """Wait up to ``max_delay`` for more images, only while a request that could join is decoding."""
@@ -285,10 +287,10 @@ class Batcher(Generic[R]):
         now = time.monotonic()
         segments: list[tuple[StreamKey, list[PendingRequest[R]]]] = []
         total = 0
-        group = self._group(self._pending[lead][0].record)
+        group = self._pending[lead][0].group
         for key in [lead, *(k for k in self._ready if k != lead)]:
             queue = self._pending.get(key)
-            if not queue or (key != lead and (total >= self.max_batch or self._group(queue[0].record) != group)):
+            if not queue or (key != lead and (total >= self.max_batch or queue[0].group != group)):
                 continue
             batch, expired = take_batch(queue, self.max_batch - total, now, first_always=key == lead)
             self._fail_expired(expired)

@@ -151,14 +151,6 @@ class ModelWorker:
         self._observe(events, deferred=False)
         return JobResults(results, after=lambda: self._observe(events, deferred=True))
 
-    def run_batch(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> BatchOutput:
-        """One stream's batch, observers included (for callers outside the batcher)."""
-        events: list[StepEvent] = []
-        output = self._run_one(Job(record, images, adapt), events)
-        self._observe(events, deferred=False)
-        self._observe(events, deferred=True)
-        return output
-
     def _precision(self, setup: MethodSetup) -> contextlib.AbstractContextManager[object]:
         """Autocast around a forward-only method's step when the ``autocast`` setting asks; else nothing."""
         if self.autocast is None or setup.adapter.name not in FORWARD_ONLY:
