@@ -127,8 +127,10 @@ class StreamService:
     def _num_classes(self, record: StreamRecord) -> int:
         return len(self.hub.catalogue.get(record.model).classes)
 
-    def _short_drift(self, record: StreamRecord) -> WindowSummary:
-        return self.drift.summary(record.key, self._num_classes(record)).short
+    def _view(self, record: StreamRecord, summary: StateSummary | None, with_drift: bool) -> StreamView:
+        """A description: registration, state summary, the model's weights hash and (optionally) recent drift."""
+        drift = self.drift.summary(record.key, self._num_classes(record)).short if with_drift else None
+        return StreamView(record, summary, drift, self.hub.loaded_sha256(record.model))
 
     # -- registry -------------------------------------------------------------------------
     async def create(self, tenant: str, new: NewStream) -> StreamView:
@@ -144,12 +146,12 @@ class StreamService:
             created_at=time.time(),
         )
         await self._store(self.store.create_stream, record)
-        return StreamView(record, None, self._short_drift(record), self.hub.loaded_sha256(record.model))
+        return self._view(record, None, with_drift=True)
 
     async def get(self, key: StreamKey) -> StreamView:
         record = await self.record(key)
         summaries = await self._store(self.store.state_summaries, [key])
-        return StreamView(record, summaries.get(key), self._short_drift(record), self.hub.loaded_sha256(record.model))
+        return self._view(record, summaries.get(key), with_drift=True)
 
     async def list(self, tenant: str | None, offset: int, limit: int) -> tuple[list[StreamView], int]:
         """A page of streams (every tenant's when ``tenant`` is None) and the total count."""
@@ -159,7 +161,7 @@ class StreamService:
             return records, self.store.state_summaries([r.key for r in records]), total
 
         records, summaries, total = await self._store(page)
-        return [StreamView(r, summaries.get(r.key), None, self.hub.loaded_sha256(r.model)) for r in records], total
+        return [self._view(r, summaries.get(r.key), with_drift=False) for r in records], total
 
     async def delete(self, key: StreamKey) -> None:
         await self._store(self.store.delete_stream, key)
