@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.errors import AdapterError
 from tta_server.api import docs_routes, health, methods_routes, models_routes, predict, streams, v2
 from tta_server.api.deps import Services, StartupStatus, require_key
+from tta_server.api.fast_predict import FastPredict
 from tta_server.errors import (
     ConflictError,
     NotFoundError,
@@ -283,6 +284,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
+    # innermost of the middlewares: its answers are counted, timed and carry the request id
+    app.add_middleware(FastPredict, services=services, error_response=error_response)
     install_metrics(app, services.metrics)
     tracing.configure(settings.tracing)
     app.add_middleware(tracing.TracingMiddleware)  # passes through while tracing is off

@@ -23,7 +23,7 @@ from tta_server.serving.admission import InputLimits, admit_files, admit_npy
 from tta_server.serving.decode import decode_files, decode_npy_batch
 from tta_server.serving.drift import entropy_and_confidence
 from tta_server.serving.model_worker import BatchOutput
-from tta_server.serving.stream_service import PredictInput
+from tta_server.serving.stream_service import PredictInput, PredictOutcome
 from tta_server.zoo.catalogue import ModelSpec
 
 router = APIRouter(prefix="/v1/streams", tags=["predict"])
@@ -103,11 +103,7 @@ async def decode_request(request: Request, spec: ModelSpec, services: Services) 
     content_type = content_type_of(request)
     body = await read_body(request, limits.max_body_bytes)
     if content_type in NPY_TYPES:
-        admitted_npy = admit_npy(body, limits)
-        if admitted_npy.shape[1:3] == (spec.input_size, spec.input_size) and len(body) <= INLINE_NPY_BYTES:
-            # already at the model's size: "decoding" is one small copy, cheaper than the hop to the pool
-            return PredictInput(decode_npy_batch(admitted_npy, spec.input_size))
-        return PredictInput(await decoder.run(decode_npy_batch, admitted_npy, spec.input_size, **fit))
+        return await decode_npy_request(body, spec, services)
     options: PredictJSON | None = None
     if content_type == "multipart/form-data":
         blobs = await multipart_files(request, limits)
@@ -118,6 +114,16 @@ async def decode_request(request: Request, spec: ModelSpec, services: Services) 
     if options is None:
         return PredictInput(images)
     return PredictInput(images, options.adapt, options.top_k)
+
+
+async def decode_npy_request(body: bytes, spec: ModelSpec, services: Services) -> PredictInput:
+    """A ``.npy`` body admitted from its header, then decoded (inline when it is already at the model's size)."""
+    admitted = admit_npy(body, services.limits)
+    if admitted.shape[1:3] == (spec.input_size, spec.input_size) and len(body) <= INLINE_NPY_BYTES:
+        # already at the model's size: "decoding" is one small copy, cheaper than the hop to the pool
+        return PredictInput(decode_npy_batch(admitted, spec.input_size))
+    fit = {"resize_mode": spec.resize_mode, "fill": spec.pad_colour}
+    return PredictInput(await services.decoder.run(decode_npy_batch, admitted, spec.input_size, **fit))
 
 
 def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction]:
@@ -181,8 +187,14 @@ async def predict(
         adapt,
         top_k,
     )
+    return Response(answer_json(stream_id, outcome), media_type="application/json")
+
+
+def answer_json(stream_id: str, outcome: PredictOutcome) -> bytes:
+    """The predict answer's JSON: built without validation (every field is typed by construction, see
+    :func:`predictions`) and serialized once by pydantic (FastAPI would validate it again)."""
     output, record = outcome.output, outcome.record
-    body = PredictResponse.model_construct(  # every field typed by construction (see predictions())
+    body = PredictResponse.model_construct(
         stream_id=stream_id,
         model=record.model,
         method=record.method,
@@ -193,5 +205,4 @@ async def predict(
         predictions=predictions(output, outcome.rows, outcome.top_k),
         regime=regime_name(output.info.extra.get("regime")),
     )
-    # serialized once by pydantic (the schema above documents it); FastAPI would validate again
-    return Response(body.model_dump_json(), media_type="application/json")
+    return body.model_dump_json().encode()

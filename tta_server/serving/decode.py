@@ -136,7 +136,7 @@ def decode_npy_batch(
     if admitted.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.shape[1:3] == (size, size):
-        return np.ascontiguousarray(array)
+        return np.array(array, order="C")  # a writable copy: the body's bytes are read-only, torch warns on them
     return np.stack([fit_image(Image.fromarray(a), size, resize_mode, fill) for a in array])
 
 

@@ -96,6 +96,9 @@ class StateStore(Protocol):
     """Where stream registrations and states live."""
 
     name: str
+    in_process: bool
+    """True when every call is a short in-memory operation that never waits on I/O: the service
+    then reads registrations on the event loop instead of paying a thread hop per request."""
 
     def ping(self) -> None:
         """Return when the store answers; raise :class:`StoreUnavailableError` otherwise."""

@@ -46,6 +46,7 @@ class MemoryStateStore:
     """Thread-safe in-process store with LRU eviction and idle expiry."""
 
     name = "memory"
+    in_process = True
 
     def __init__(
         self,

@@ -105,6 +105,7 @@ class RedisStateStore:
     """
 
     name = "redis"
+    in_process = False
 
     def __init__(
         self,

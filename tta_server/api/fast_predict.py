@@ -1,0 +1,153 @@
+"""The hot path of ``POST /v1/streams/{id}/predict`` as a pure ASGI component, beside the FastAPI route.
+
+Why: many streams that each send one small image make the per-request framework cost the
+bottleneck, not the model. Profiled at 64 streams x 1 image (benchmarks/results/fused_streams.md),
+most of the event loop's CPU per request went to FastAPI's routing, dependency solving and
+middleware layers rather than to decoding, queueing or answering. This component answers the
+common case directly, with the same functions the route calls (admission, decoding, the stream
+service, the answer's JSON, the error shape), so the two cannot drift apart:
+
+- a ``POST`` to ``/v1/streams/{id}/predict`` with a ``.npy`` body (:data:`NPY_TYPES`);
+- a query string of at most ``adapt`` (``true``/``false``/``1``/``0``) and ``top_k`` (1-1000), each once;
+- credentials and ``X-Tenant`` that :func:`tta_server.auth.authenticate` and the tenant check accept;
+- tracing off (the route records the request's spans).
+
+Anything else (another media type, an unusual or invalid query, a missing or wrong key, a bad
+tenant) is handed to the FastAPI app untouched, before a byte of the body was read, so every
+refusal keeps the route's exact answer. Sits inside the request-id and metrics middlewares: the
+answers carry ``X-Request-ID`` and are counted under the route's template.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from starlette.requests import ClientDisconnect
+
+from tta_server.api.body import read_asgi_body
+from tta_server.api.deps import Services, check_tenant_header
+from tta_server.api.predict import NPY_TYPES, answer_json, decode_npy_request
+from tta_server.auth import Principal, authenticate
+from tta_server.errors import ServiceError
+from tta_server.observability import tracing
+from tta_server.serving.stream_service import PredictInput
+from tta_server.state.base import StreamKey
+from tta_server.zoo.catalogue import ModelSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from starlette.responses import Response
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+ROUTE = "/v1/streams/{stream_id}/predict"
+_PATH = re.compile(r"/v1/streams/([^/]+)/predict")
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class RouteTemplate:
+    """What the metrics middleware reads from ``scope["route"]``: the template, never the stream id."""
+
+    path = ROUTE
+
+
+_ROUTE = RouteTemplate()
+
+
+def parse_query(query: bytes, default_top_k: int = 5) -> tuple[bool, int] | None:
+    """``(adapt, top_k)`` when the query holds only simple, valid values of those two; None otherwise."""
+    adapt, top_k = True, default_top_k
+    if not query:
+        return adapt, top_k
+    seen: set[str] = set()
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return None
+        seen.add(name)
+        if name == "adapt" and value.lower() in _BOOLS:
+            adapt = _BOOLS[value.lower()]
+        elif name == "top_k" and value.isascii() and value.isdigit() and 1 <= int(value) <= 1000:
+            top_k = int(value)
+        else:
+            return None
+    return adapt, top_k
+
+
+def request_headers(scope: Scope) -> dict[bytes, bytes]:
+    """The headers this path reads (lower-case names); a repeated one makes the request not ours."""
+    wanted = (b"content-type", b"content-length", b"authorization", b"x-tenant")
+    found: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers", ()):
+        if key in wanted:
+            if key in found:
+                found[b"repeated"] = b""
+            found[key] = value
+    return found
+
+
+class FastPredict:
+    """Answers the common ``.npy`` predict request itself; hands everything else to ``app``."""
+
+    def __init__(self, app: ASGIApp, services: Services, error_response: Callable[[Exception, str], Response]) -> None:
+        self.app = app
+        self.services = services
+        self.error_response = error_response
+
+    def _ours(self, scope: Scope) -> tuple[StreamKey, bool, int, dict[bytes, bytes]] | None:
+        """The stream, options and headers of a request this path serves; None to hand it to the app."""
+        if scope["type"] != "http" or scope["method"] != "POST" or tracing.enabled():
+            return None
+        match = _PATH.fullmatch(scope["path"])
+        if match is None:
+            return None
+        headers = request_headers(scope)
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if b"repeated" in headers or content_type not in NPY_TYPES:
+            return None
+        options = parse_query(scope.get("query_string", b""))
+        if options is None:
+            return None
+        principal = self._principal(headers)
+        if principal is None:
+            return None
+        return StreamKey(principal.tenant, match.group(1)), options[0], options[1], headers
+
+    def _principal(self, headers: dict[bytes, bytes]) -> Principal | None:
+        """The caller, or None when the route must answer (it refuses with the exact 401 or 422)."""
+        try:
+            authorization = headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None
+            tenant = headers[b"x-tenant"].decode("latin-1") if b"x-tenant" in headers else None
+            principal = authenticate(self.services.settings.api_keys, authorization, tenant)
+            check_tenant_header(tenant)
+        except ServiceError:
+            return None
+        return principal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ours = self._ours(scope)
+        if ours is None:
+            await self.app(scope, receive, send)
+            return
+        key, adapt, top_k, headers = ours
+        scope["route"] = _ROUTE
+        services = self.services
+        declared = headers[b"content-length"].decode("latin-1") if b"content-length" in headers else None
+
+        async def decode(spec: ModelSpec) -> PredictInput:
+            body = await read_asgi_body(receive, declared, services.limits.max_body_bytes)
+            return await decode_npy_request(body, spec, services)
+
+        try:
+            outcome = await services.streams.predict(key, decode, adapt, top_k)
+        except ClientDisconnect:
+            return
+        except Exception as exc:  # the route's error shape, from the same function
+            await self.error_response(exc, scope["path"])(scope, receive, send)
+            return
+        payload = answer_json(key.stream_id, outcome)
+        headers_out = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+        await send({"type": "http.response.body", "body": payload})
