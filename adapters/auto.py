@@ -7,9 +7,16 @@ but warm up slowly on balanced ones; on GN/LN models no measured method beats th
 by more than a point, and entropy minimization collapses under label correlation. The user does
 not know in advance which stream they have, so ``auto`` decides per batch, online.
 
-Norms: BN models only for now. On the project's GN/LN models the measured best is ``source``
-(SAR within 0.3 to 2.4 points of it, Tent collapsing), so ``auto`` would only ever choose the
-source model there; it rejects them (HTTP 422) rather than pretend to adapt.
+Norms: every model. BN layers get the regimes below. GN and LN layers normalize each sample
+with its own statistics, so there is no batch statistic to calibrate, and the only mechanics
+left are the gradient methods (Tent, SAR). Measured on the project's GN and LN models
+(docs/results.md): Tent collapses under label correlation (89% error against 32-35% for the
+source model) and loses 20-26 points at B = 1; SAR is within 1 point of the source model at
+B = 1 (0.1 and 0.9 better) but 0.3 and 2.4 points worse in ``correlated``, with twice the
+forwards and two backwards per batch. No unlabelled signal measured here tells those streams
+apart early enough, so on a model without BN layers ``auto`` keeps the source regime: its
+predictions are the source model's, its state counts the steps, and the response says
+``regime: source``. A model with BN and other norms adapts its BN layers only.
 
 Regimes (``StepInfo.extra["regime"]`` carries the number; :data:`REGIME_NAMES` the name):
 
@@ -198,12 +205,12 @@ class Auto(Adapter[AutoConfig]):
 
     name = "auto"
     config_cls = AutoConfig
-    supported_norms = frozenset({NormKind.BN})
+    supported_norms = frozenset(NormKind)
     predicts = "after_update"
     batch_size_one = "works: UnMix-TNS components with momentum 0.1 per image"
 
     def check_model(self, model: nn.Module) -> None:
-        """BN models whose BN layers have source statistics."""
+        """Any normalized model; BN layers must have source statistics (GN/LN models keep the source regime)."""
         super().check_model(model)
         check_source_statistics(model)
 
@@ -256,7 +263,7 @@ class Auto(Adapter[AutoConfig]):
         previous = AutoSignals.from_tensor(state.tensors[SIGNALS])
         source_logits = forward(model, {}, x)
         layers = self._component_layers(model)
-        if not layers or len(x) == 0:  # nothing to adapt (only BN1d layers) or nothing to see
+        if not layers or len(x) == 0:  # nothing to adapt (GN/LN or BN1d layers only) or nothing to see
             signals = next_signals(previous, REGIME_SOURCE, 0.0, source_logits.shape[1], self.config)
             return self._result(source_logits, state, {}, signals, adapt, forwards=1, extra={})
         cfg = self.config

@@ -14,7 +14,7 @@ from tta_server.settings import Settings
 from tta_server.zoo.catalogue import file_sha256
 from tta_server.zoo.resnet_cifar import cifar_resnet
 
-BN_ONLY = {"bn", "alpha_bn", "unmix_tns", "adab2n", "auto"}
+BN_ONLY = {"bn", "alpha_bn", "unmix_tns", "adab2n"}
 
 
 def test_third_party_model_metadata(client: TestClient) -> None:

@@ -81,3 +81,20 @@ def test_steps_report_the_regime_and_states_do_not_depend_on_the_seed() -> None:
     assert result.info.forwards == 3
     single = adapter.step(model, batches(1, size=1)[0], result.state)
     assert single.info.extra["regime"] in (REGIME_SOURCE, REGIME_COMPONENTS)
+
+
+def test_gn_and_ln_models_stay_in_the_source_regime() -> None:
+    """No BN layer to calibrate: every answer is the source model's, named `source`, and steps still count."""
+    for norm in (NormKind.GN, NormKind.LN):
+        adapter = create_adapter("auto")
+        base = tiny_model(norm)
+        adapter.check_model(base)
+        model = adapter.prepare(base)
+        state = adapter.init_state(model)
+        for x in batches(3, size=5) + batches(2, size=1, seed=4):
+            result = adapter.step(model, x, state)
+            with torch.no_grad():
+                torch.testing.assert_close(result.logits, base(x), rtol=0, atol=0)
+            assert regime_name(result.info.extra["regime"]) == "source"
+            state = result.state
+        assert state.meta.step == 5
