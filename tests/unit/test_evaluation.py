@@ -163,6 +163,21 @@ def test_clean_data_and_argument_errors(tmp_path: Path, tiny_npz: Path, tiny_mod
         spec(tmp_path, tiny_npz, tiny_model, corruptions=("none", "fog")).domains()
 
 
+def test_stream_seed_fixes_the_data_while_the_method_seed_varies(
+    tmp_path: Path, tiny_npz: Path, tiny_model: Path
+) -> None:
+    runs = [
+        run_eval(spec(tmp_path, tiny_npz, tiny_model, method="unmix_tns", limit=40, seed=s, stream_seed=7))
+        for s in (0, 1)
+    ]
+    assert runs[0].dataset.fingerprint == runs[1].dataset.fingerprint  # the same 40 images
+    assert [r.stem().endswith(f"_seed{s}_stream7") for r, s in zip(runs, (0, 1), strict=True)] == [True, True]
+    other_data = run_eval(spec(tmp_path, tiny_npz, tiny_model, method="unmix_tns", limit=40, seed=0))
+    assert other_data.dataset.fingerprint != runs[0].dataset.fingerprint and other_data.stream_seed is None
+    row = next(iter(group_rows(runs).values()))[0]
+    assert row.seeds == "0,1 (stream 7)" and row.mean_spread is not None
+
+
 def test_tally_curve_and_subset() -> None:
     tally = Tally(2)
     for i in range(10):
@@ -240,7 +255,8 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     ]
     out = tmp_path / "docs" / "results.md"
     markdown = build_report(results, out, tmp_path / "docs" / "plots")
-    assert "| source | iid | 64 | 41.0 | 61.0 | **51.0** | 0,1 |" in markdown
+    # mean over seeds 0 and 1 (50 and 52), with the sample sd of the two means
+    assert "| source | iid | 64 | 41.0 | 61.0 | **51.0** ± 1.4 | 0,1 |" in markdown
     assert "| fog | contr |" in markdown.replace("| method | setting | batch ", "")
     pngs = sorted(p.name for p in (tmp_path / "docs" / "plots").glob("*.png"))
     assert len(pngs) == 4 and all(p.startswith("resnet20-data-test-sev5-") for p in pngs)

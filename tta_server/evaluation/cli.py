@@ -126,6 +126,10 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="use a seeded random subset of this many images")] = None,
     seed: Annotated[int, typer.Option(help="seeds corruptions, stream order and the method")] = 0,
+    stream_seed: Annotated[
+        int | None,
+        typer.Option(help="seeds the subset, corruptions and stream order (then --seed seeds only the method)"),
+    ] = None,
     delta: Annotated[float, typer.Option(help="Dirichlet delta of the correlated setting")] = DEFAULT_DIRICHLET_DELTA,
     data: Annotated[
         Path | None,
@@ -173,6 +177,7 @@ def eval_command(
         method_config=parse_config(config),
         limit=limit,
         seed=seed,
+        stream_seed=stream_seed,
         dirichlet_delta=delta,
         model_config_file=model_config_file,
         cache_dir=cache_dir,

@@ -88,6 +88,9 @@ class EvalSpec:
     method_config: Mapping[str, Any] = field(default_factory=dict)
     limit: int | None = None
     seed: int = 0
+    stream_seed: int | None = None
+    """Seeds the data (subset, corruption noise, order) when set; ``seed`` then seeds the method only,
+    so a method's own randomness can be measured on one fixed stream."""
     dirichlet_delta: float = DEFAULT_DIRICHLET_DELTA
     model_config_file: Path | None = None
     cache_dir: Path | None = None
@@ -262,7 +265,8 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
 
     t0 = time.perf_counter()
     source = load_labeled_images(spec.data, spec.cache_dir)
-    data = subset(source, spec.limit, spec.seed)
+    data_seed = spec.seed if spec.stream_seed is None else spec.stream_seed
+    data = subset(source, spec.limit, data_seed)
     if len(data.classes) > len(loaded.spec.classes):
         raise EvalError(
             f"the data has {len(data.classes)} classes but model '{spec.model}' predicts {len(loaded.spec.classes)}"
@@ -271,8 +275,8 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
 
     torch.manual_seed(spec.seed)
     state = adapter.init_state(setup.model, spec.seed, loaded.sha256)
-    with CorruptedSets(data, spec.seed, spec.cache_dir, persistent=spec.persistent_cache) as sets:
-        stream = CorruptionStream(spec.setting, domains, data.y, sets, spec.batch_size, spec.seed, spec.dirichlet_delta)
+    with CorruptedSets(data, data_seed, spec.cache_dir, persistent=spec.persistent_cache) as sets:
+        stream = CorruptionStream(spec.setting, domains, data.y, sets, spec.batch_size, data_seed, spec.dirichlet_delta)
         progress.start(stream.n_samples, domains[0].name)
         work = WorkCounter()
         tally, resets, data_s, adapt_s = run_stream(setup, state, stream, spec.device, progress, work)
@@ -300,6 +304,7 @@ def _run_eval(spec: EvalSpec, progress: Progress) -> EvalResult:
         severity=domains[0].severity,
         dirichlet_delta=spec.dirichlet_delta if spec.setting is Setting.CORRELATED else None,
         seed=spec.seed,
+        stream_seed=spec.stream_seed,
         limit=spec.limit,
         dataset=DatasetInfo(
             path=str(spec.data),

@@ -100,8 +100,17 @@ class Row:
         return float(np.mean([r.mean_error for r in self.runs]))
 
     @property
+    def mean_spread(self) -> float | None:
+        """Sample standard deviation of the mean error over the row's runs (None for a single run)."""
+        if len(self.runs) < 2:
+            return None
+        return float(np.std([r.mean_error for r in self.runs], ddof=1))
+
+    @property
     def seeds(self) -> str:
-        return ",".join(str(s) for s in sorted({r.seed for r in self.runs}))
+        seeds = ",".join(str(s) for s in sorted({r.seed for r in self.runs}))
+        streams = sorted({r.stream_seed for r in self.runs if r.stream_seed is not None})
+        return seeds + (f" (stream {','.join(map(str, streams))})" if streams else "")
 
 
 def load_results(folders: Iterable[Path]) -> list[EvalResult]:
@@ -150,7 +159,7 @@ def columns(rows: Sequence[Row]) -> list[str]:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """Markdown table: method | setting | batch | per-corruption error % | mean | seeds."""
+    """Markdown table: method | setting | batch | per-corruption error % | mean (± sd over seeds) | seeds."""
     cols = columns(rows)
     head = ["method", "setting", "batch", *(SHORT.get(c, c) for c in cols), "mean", "seeds", "img/s", "used %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(cols) + 1) + "---|---:|---:|"]
@@ -160,7 +169,9 @@ def table(rows: Sequence[Row]) -> str:
             e = row.error(c)
             cells.append(fmt(e) if e is not None else "-")
         speed = float(np.mean([r.timing.images_per_s for r in row.runs]))
-        cells += [f"**{fmt(row.mean_error)}**", row.seeds, f"{speed:.0f}", used_cell(row.runs)]
+        spread = row.mean_spread
+        mean = f"**{fmt(row.mean_error)}**" + (f" ± {fmt(spread)}" if spread is not None else "")
+        cells += [mean, row.seeds, f"{speed:.0f}", used_cell(row.runs)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -107,6 +107,7 @@ class EvalResult(Frozen):
     severity: int
     dirichlet_delta: float | None
     seed: int
+    stream_seed: int | None = Field(None, description="the data's seed when it differs from the method's `seed`")
     limit: int | None
     dataset: DatasetInfo
     domains: list[DomainScore]
@@ -146,7 +147,8 @@ class EvalResult(Frozen):
     def stem(self) -> str:
         """File name (without suffix) that distinguishes runs written into one folder."""
         label = f"{self.method}-{self._config_digest()}" if self.config_overrides else self.method
-        return f"{self.model.name}_{label}_{self.setting}_bs{self.batch_size}_sev{self.severity}_seed{self.seed}"
+        seeds = f"seed{self.seed}" + ("" if self.stream_seed is None else f"_stream{self.stream_seed}")
+        return f"{self.model.name}_{label}_{self.setting}_bs{self.batch_size}_sev{self.severity}_{seeds}"
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
