@@ -2,7 +2,8 @@
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
 # PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
-#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | auto-15 | cost (NOTE=...) | report
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | auto-15 | auto-full |
+#        seeds | cost (NOTE=...) | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
 # every reported run uses seed 0, so nothing is tuned on the reported stream.
@@ -31,7 +32,7 @@ case "$PHASE" in
     for m in source bn alpha_bn unmix_tns; do run --model resnet20 --method "$m" --setting iid --batch-size 1 --limit 1000; done ;;
   gn-ln)
     for model in resnet20-gn resnet20-ln; do
-      for m in source tent sar; do
+      for m in source auto tent sar; do
         run --model "$model" --method "$m" --setting correlated --batch-size 64
         run --model "$model" --method "$m" --setting iid --batch-size 1 --limit 1000
       done
@@ -103,6 +104,32 @@ case "$PHASE" in
         --out "$O"
     for m in auto unmix_tns; do run --model resnet20 --method $m --setting correlated --batch-size 64 --limit 2000 \
         --out "$O"; done ;;
+  auto-full)
+    # `auto` beside the methods in every setting of the full benchmark (all 15 corruptions, seed 0), on
+    # ResNet-20 (BN): the settings' rows that bn-iid, correlated, bs1 and continual did not measure,
+    # the clean test set, the mixed setting and the missing tent/SAR rows
+    A='{"source_weight": 0.6}'
+    run --model resnet20 --method auto --setting iid --batch-size 64
+    run --model resnet20 --method auto --setting correlated --batch-size 64
+    run --model resnet20 --method auto --setting iid --batch-size 1 --limit 1000
+    run --model resnet20 --method auto --setting continual --batch-size 16
+    for m in source bn unmix_tns auto; do run --model resnet20 --method $m --setting iid --batch-size 64 --corruptions none; done
+    run --model resnet20 --method alpha_bn --config "$A" --setting iid --batch-size 64 --corruptions none
+    for m in source bn unmix_tns auto; do run --model resnet20 --method $m --setting mixed --batch-size 64; done
+    run --model resnet20 --method alpha_bn --config "$A" --setting mixed --batch-size 64
+    run --model resnet20 --method alpha_bn --config "$A" --setting correlated --batch-size 64
+    for m in tent sar; do for s in iid correlated; do run --model resnet20 --method $m --setting $s --batch-size 64; done; done ;;
+  seeds)
+    # methods with randomness (and `auto`), seeds 1 and 2 beside the seed-0 rows; CEMA on 2,000-image streams
+    for seed in 1 2; do
+      for m in unmix_tns auto; do run --model resnet20 --method $m --setting iid --batch-size 64 --seed $seed; done
+    done
+    for seed in 0 1 2; do
+      run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid \
+          --batch-size 64 --limit 2000 --seed $seed --out benchmarks/results/seeds-2000
+      run --model resnet20 --method source --setting iid --batch-size 64 --limit 2000 --seed $seed \
+          --out benchmarks/results/seeds-2000
+    done ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
         --markdown docs/cost.md --note "${NOTE:-}" ;;
