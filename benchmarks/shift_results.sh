@@ -2,7 +2,7 @@
 # The runs behind docs/results.md (CIFAR-10-C protocol, severity 5, all 15 corruptions).
 #   bash benchmarks/shift_results.sh PHASE [OUT]
 # PHASE: bn-iid | alpha-tune | alpha-best (WEIGHT=...) | correlated | bs1 | gn-ln | cema | continual |
-#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | auto-subset | auto-15 | auto-full |
+#        unmix-tune | unmix-best (BS64_CONFIG=... BS1_CONFIG=...) | unmix-init | unmix-method-seed | auto-subset | auto-15 | auto-full |
 #        seeds | cost (NOTE=...) | report
 # Every run writes JSON + Markdown into OUT (default benchmarks/results/shift); `report` rebuilds
 # docs/results.md and its plots from all of them. Tuning runs use seed 1 (and a 2,000-image subset);
@@ -77,6 +77,14 @@ case "$PHASE" in
       run --model resnet20 --method source --setting iid --batch-size 64 --corruptions $C --limit 2000 --seed "$seed" \
           --out benchmarks/results/unmix-init/source-model
     done ;;
+  unmix-method-seed)
+    # the same 5 corruptions and 2,000-image streams as unmix-init, with the data fixed (--stream-seed 0) and
+    # only the method's seed varying: what the initialization alone changes
+    C=gaussian_noise,defocus_blur,frost,contrast,jpeg_compression
+    for init in random source source_spread; do for seed in 1 2 3 4 5; do
+      run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting iid --batch-size 64 \
+          --corruptions $C --limit 2000 --seed "$seed" --stream-seed 0 --out benchmarks/results/unmix-method-seed/$init
+    done; done ;;
   auto-subset)
     # `auto` against source and the best single method per setting, on a 3-corruption subset, seed 0
     C=gaussian_noise,frost,jpeg_compression
@@ -120,15 +128,14 @@ case "$PHASE" in
     run --model resnet20 --method alpha_bn --config "$A" --setting correlated --batch-size 64
     for m in tent sar; do for s in iid correlated; do run --model resnet20 --method $m --setting $s --batch-size 64; done; done ;;
   seeds)
-    # methods with randomness (and `auto`), seeds 1 and 2 beside the seed-0 rows; CEMA on 2,000-image streams
-    for seed in 1 2; do
-      for m in unmix_tns auto; do run --model resnet20 --method $m --setting iid --batch-size 64 --seed $seed; done
-    done
+    # methods with randomness, seeds 1 and 2 beside the seed-0 rows (`auto` has none: its components start
+    # from fixed directions); CEMA on 1,000-image streams, beside the source model on the same streams
+    for seed in 1 2; do run --model resnet20 --method unmix_tns --setting iid --batch-size 64 --seed $seed; done
     for seed in 0 1 2; do
       run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid \
-          --batch-size 64 --limit 2000 --seed $seed --out benchmarks/results/seeds-2000
-      run --model resnet20 --method source --setting iid --batch-size 64 --limit 2000 --seed $seed \
-          --out benchmarks/results/seeds-2000
+          --batch-size 64 --limit 1000 --seed $seed --out benchmarks/results/seeds-1000
+      run --model resnet20 --method source --setting iid --batch-size 64 --limit 1000 --seed $seed \
+          --out benchmarks/results/seeds-1000
     done ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
