@@ -257,6 +257,24 @@ def build_services(settings: Settings) -> Services:
     return Services(settings, streams, hub, metrics, limits, decoder, StartupStatus())
 
 
+class ServerApp(FastAPI):
+    """The FastAPI app, with the ``.npy`` predict fast path in front of its middleware stack.
+
+    Why in front: with many streams that each send one small image, the framework's routing,
+    dependency and middleware layers cost more CPU per request than decoding and answering it
+    (benchmarks/results/fused_streams.md); :class:`FastPredict` serves that request itself, with
+    the route's own functions, its request id and its metrics, and hands every other request
+    to the stack untouched.
+    """
+
+    fast_path: FastPredict | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None and await self.fast_path.serve(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI app for ``settings`` (nothing is built at import time)."""
     if settings.torch_threads is not None:
@@ -275,7 +293,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # the catalogue and the docs answer without a key unless the settings say otherwise (docs/operations.md)
     keyed_catalogue = settings.require_key_for_catalog_and_docs and bool(settings.api_keys)
-    app = FastAPI(
+    app = ServerApp(
         title="tta-server",
         version="0.1.0",
         summary="Test-time adaptation inference: per-stream adapted predictions under distribution shift.",
@@ -284,8 +302,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
-    # innermost of the middlewares: its answers are counted, timed and carry the request id
-    app.add_middleware(FastPredict, services=services, error_response=error_response)
+    app.fast_path = FastPredict(services, error_response)
     install_metrics(app, services.metrics)
     tracing.configure(settings.tracing)
     app.add_middleware(tracing.TracingMiddleware)  # passes through while tracing is off

@@ -22,7 +22,7 @@ def scope(headers: dict[str, str], path: str = "/v1/streams/cam/predict", query:
 @pytest.fixture
 def fast(settings: Settings) -> FastPredict:
     app = create_app(settings.model_copy(update={"api_keys": {"k1": "acme"}}))
-    return FastPredict(app, app.state.services, error_response)
+    return FastPredict(app.state.services, error_response)
 
 
 def test_query_parsing_takes_only_plain_values() -> None:
@@ -83,3 +83,37 @@ def test_errors_have_the_route_shape(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert 'route="/v1/streams/{stream_id}/predict"' in metrics
     assert "/v1/streams/nobody" not in metrics  # the template, never a stream id
+
+
+def counted(client: TestClient, status: str) -> float:
+    """``tta_http_requests_total`` of the predict route for ``status`` (0 before the first)."""
+    metrics = client.app.state.services.metrics  # type: ignore[attr-defined]
+    value = metrics.registry.get_sample_value(
+        "tta_http_requests_total", {"route": "/v1/streams/{stream_id}/predict", "http_method": "POST", "status": status}
+    )
+    return float(value or 0.0)
+
+
+def test_request_ids_metrics_and_faults(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.post("/v1/streams", json={"model": "resnet20", "method": "source", "stream_id": "s"})
+    body = npy_bytes(random_images(1))
+    before = counted(client, "200")
+    r = client.post("/v1/streams/s/predict", content=body, headers={**NPY, "X-Request-ID": "cam-7:frame-19"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "cam-7:frame-19"
+    fresh = client.post("/v1/streams/s/predict", content=body, headers={**NPY, "X-Request-ID": "bad id\x01"})
+    assert fresh.headers["x-request-id"] != "bad id\x01" and len(fresh.headers["x-request-id"]) == 32
+    assert counted(client, "200") == before + 2
+
+    async def broken(*_: object) -> None:
+        raise RuntimeError("boom at 0x7f00deadbeef")
+
+    monkeypatch.setattr(client.app.state.services.streams, "predict", broken)  # type: ignore[attr-defined]
+    fault = client.post("/v1/streams/s/predict", content=body, headers={**NPY, "X-Request-ID": "f-1"})
+    assert fault.status_code == 500 and fault.headers["x-request-id"] == "f-1"
+    assert fault.json()["error"] == {
+        "code": "internal_error",
+        "message": "internal error: RuntimeError",
+        "detail": None,
+        "request_id": "f-1",
+    }
+    assert counted(client, "500") == 1

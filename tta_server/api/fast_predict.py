@@ -14,13 +14,16 @@ service, the answer's JSON, the error shape), so the two cannot drift apart:
 
 Anything else (another media type, an unusual or invalid query, a missing or wrong key, a bad
 tenant) is handed to the FastAPI app untouched, before a byte of the body was read, so every
-refusal keeps the route's exact answer. Sits inside the request-id and metrics middlewares: the
-answers carry ``X-Request-ID`` and are counted under the route's template.
+refusal keeps the route's exact answer. It runs before the app's middleware stack (see
+:class:`tta_server.app.ServerApp`), so it does what the stack's middlewares do for the route:
+sets the request id (the client's when sane) for its log lines and answers it in ``X-Request-ID``,
+and counts and times the answer under the route's template in ``tta_http_requests_total``.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -32,6 +35,13 @@ from tta_server.api.predict import NPY_TYPES, answer_json, decode_npy_request
 from tta_server.auth import Principal, authenticate
 from tta_server.errors import ServiceError
 from tta_server.observability import tracing
+from tta_server.observability.request_id import (
+    HEADER,
+    HEADER_KEY,
+    accept_request_id,
+    request_id_header,
+    use_request_id,
+)
 from tta_server.serving.stream_service import PredictInput
 from tta_server.state.base import StreamKey
 from tta_server.zoo.catalogue import ModelSpec
@@ -40,21 +50,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from starlette.responses import Response
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import Receive, Scope, Send
 
 ROUTE = "/v1/streams/{stream_id}/predict"
 _PATH = re.compile(r"/v1/streams/([^/]+)/predict")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class RouteTemplate:
-    """What the metrics middleware reads from ``scope["route"]``: the template, never the stream id."""
-
-    path = ROUTE
-
-
-_ROUTE = RouteTemplate()
 
 
 def parse_query(query: bytes, default_top_k: int = 5) -> tuple[bool, int] | None:
@@ -89,10 +90,9 @@ def request_headers(scope: Scope) -> dict[bytes, bytes]:
 
 
 class FastPredict:
-    """Answers the common ``.npy`` predict request itself; hands everything else to ``app``."""
+    """Answers the common ``.npy`` predict request itself (:meth:`serve`); the caller hands the rest to the app."""
 
-    def __init__(self, app: ASGIApp, services: Services, error_response: Callable[[Exception, str], Response]) -> None:
-        self.app = app
+    def __init__(self, services: Services, error_response: Callable[[Exception, str], Response]) -> None:
         self.services = services
         self.error_response = error_response
 
@@ -126,13 +126,33 @@ class FastPredict:
             return None
         return principal
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer the request and return True, or return False, having read nothing, when it is not ours."""
         ours = self._ours(scope)
         if ours is None:
-            await self.app(scope, receive, send)
-            return
+            return False
+        started = time.perf_counter()
+        request_id = accept_request_id(request_id_header(scope))
+        status = 500
+        with use_request_id(request_id):
+            try:
+                status = await self._answer(scope, receive, send, ours, request_id.encode("ascii"))
+            finally:
+                metrics = self.services.metrics
+                metrics.requests.labels(ROUTE, "POST", str(status)).inc()
+                metrics.latency.labels(ROUTE, "POST").observe(time.perf_counter() - started)
+        return True
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ours: tuple[StreamKey, bool, int, dict[bytes, bytes]],
+        request_id: bytes,
+    ) -> int:
+        """Predict and send the answer (or the route's error answer); the status sent."""
         key, adapt, top_k, headers = ours
-        scope["route"] = _ROUTE
         services = self.services
         declared = headers[b"content-length"].decode("latin-1") if b"content-length" in headers else None
 
@@ -142,12 +162,15 @@ class FastPredict:
 
         try:
             outcome = await services.streams.predict(key, decode, adapt, top_k)
+            payload = answer_json(key.stream_id, outcome)
         except ClientDisconnect:
-            return
+            return 499  # nobody to answer; counted like uvicorn's access log would show a dropped client
         except Exception as exc:  # the route's error shape, from the same function
-            await self.error_response(exc, scope["path"])(scope, receive, send)
-            return
-        payload = answer_json(key.stream_id, outcome)
-        headers_out = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+            response = self.error_response(exc, scope["path"])
+            response.headers[HEADER] = request_id.decode("ascii")
+            await response(scope, receive, send)
+            return response.status_code
+        head = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode()), (HEADER_KEY, request_id)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
         await send({"type": "http.response.body", "body": payload})
+        return 200

@@ -21,7 +21,6 @@ from tta_server.api.streams import ERRORS, stream_key
 from tta_server.errors import PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
 from tta_server.serving.admission import InputLimits, admit_files, admit_npy
 from tta_server.serving.decode import decode_files, decode_npy_batch
-from tta_server.serving.drift import entropy_and_confidence
 from tta_server.serving.model_worker import BatchOutput
 from tta_server.serving.stream_service import PredictInput, PredictOutcome
 from tta_server.zoo.catalogue import ModelSpec
@@ -134,8 +133,7 @@ def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction
     is already an int, str or float of the right field), because a per-value ``float()`` and a
     validated model per class cost more CPU than the rest of the answer.
     """
-    probs = output.probs[rows]
-    entropy, _ = entropy_and_confidence(probs)
+    probs, entropy = output.probs[rows], output.scored.entropy[rows]
     k = min(top_k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     labels: list[list[int]] = order.tolist()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
 HEADER = "X-Request-ID"
 MAX_LENGTH = 128
-_HEADER_KEY = HEADER.lower().encode("latin-1")
+HEADER_KEY = HEADER.lower().encode("latin-1")
 _SANE = re.compile(rf"[\x21-\x7e]{{1,{MAX_LENGTH}}}")
 
 _REQUEST_ID: ContextVar[str | None] = ContextVar("tta_request_id", default=None)
@@ -46,9 +48,20 @@ def accept_request_id(given: str | None) -> str:
     return new_request_id()
 
 
-def _header(scope: Scope) -> str | None:
+@contextmanager
+def use_request_id(request_id: str) -> Iterator[None]:
+    """``request_id`` is the current one inside the block (this task's context)."""
+    token = _REQUEST_ID.set(request_id)
+    try:
+        yield
+    finally:
+        _REQUEST_ID.reset(token)
+
+
+def request_id_header(scope: Scope) -> str | None:
+    """The client's ``X-Request-ID`` header as text (None when absent or not ASCII)."""
     for key, value in scope.get("headers", ()):
-        if key == _HEADER_KEY:
+        if key == HEADER_KEY:
             try:
                 return str(value.decode("ascii"))
             except UnicodeDecodeError:
@@ -72,18 +85,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = accept_request_id(_header(scope))
+        request_id = accept_request_id(request_id_header(scope))
         encoded = request_id.encode("ascii")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ()) if k != _HEADER_KEY]
-                headers.append((_HEADER_KEY, encoded))
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != HEADER_KEY]
+                headers.append((HEADER_KEY, encoded))
                 message = {**message, "headers": headers}
             await send(message)
 
-        token = _REQUEST_ID.set(request_id)
-        try:
+        with use_request_id(request_id):
             await self.app(scope, receive, send_with_id)
-        finally:
-            _REQUEST_ID.reset(token)

@@ -139,6 +139,28 @@ class DriftTracker:
         )
 
 
+@dataclass(frozen=True)
+class ScoredProbs:
+    """Probabilities with their per-row entropy and confidence, computed once per batch on the worker.
+
+    The answer (per-image entropy) and the drift observer (batch means, histograms) read the same
+    rows; computing them once for a fused batch instead of once per stream and again per answer
+    takes that work off the event loop.
+    """
+
+    probs: np.ndarray
+    entropy: np.ndarray
+    confidence: np.ndarray
+
+    @classmethod
+    def of(cls, probs: np.ndarray) -> ScoredProbs:
+        entropy, confidence = entropy_and_confidence(probs)
+        return cls(probs, entropy, confidence)
+
+    def rows(self, start: int, stop: int) -> ScoredProbs:
+        return ScoredProbs(self.probs[start:stop], self.entropy[start:stop], self.confidence[start:stop])
+
+
 def entropy_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row entropy (nats) and max probability of a probability matrix."""
     entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)

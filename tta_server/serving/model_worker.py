@@ -33,6 +33,7 @@ from adapters.serialize import state_from_bytes, state_to_bytes
 from tta_server.models import ModelHub
 from tta_server.observability.tracing import span
 from tta_server.serving.batcher import Job, JobResults
+from tta_server.serving.drift import ScoredProbs
 from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_method
 from tta_server.serving.observers import Observers, StepEvent
 from tta_server.serving.state_checks import check_state_fits
@@ -54,12 +55,16 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class BatchOutput:
     """Result of one batch: probabilities on the CPU and where the stream stands now."""
 
-    probs: np.ndarray
+    scored: ScoredProbs
     step: int
     version: int
     adapted: bool
     info: StepInfo
     classes: tuple[str, ...]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.scored.probs
 
 
 class ModelWorker:
@@ -194,24 +199,24 @@ class ModelWorker:
         seen: int,
         elapsed: float,
         events: list[StepEvent],
-        probs: np.ndarray | None = None,
+        scored: ScoredProbs | None = None,
     ) -> BatchOutput:
         """Write the step's state (compare-and-set) and describe the outcome; raises on a lost race.
 
-        ``probs``: the stream's rows of a fused batch's probabilities, already on the host (one
-        device-to-host copy for the whole batch instead of one per stream).
+        ``scored``: the stream's rows of a fused batch's probabilities, already on the host with their
+        entropy and confidence (one device-to-host copy and one pass for the whole batch).
         """
         new_version = version
         if job.adapt:
             with span("tta.store.write"):
                 new_version = self.store.save_state(job.record.key, result.state, version, seen + len(job.images))
-        if probs is None:
-            probs = torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy()
+        if scored is None:
+            scored = ScoredProbs.of(torch.softmax(result.logits.detach().float(), dim=1).cpu().numpy())
         step = result.state.meta.step
         events.append(
-            StepEvent(job.record, setup.loaded, x, probs, result.info, step, elapsed, job.adapt, result.state.nbytes())
+            StepEvent(job.record, setup.loaded, x, scored, result.info, step, elapsed, job.adapt, result.state.nbytes())
         )
-        return BatchOutput(probs, step, new_version, result.info.adapted, result.info, setup.spec.classes)
+        return BatchOutput(scored, step, new_version, result.info.adapted, result.info, setup.spec.classes)
 
     def _run_fused(self, jobs: Sequence[Job], events: list[StepEvent]) -> list[BatchOutput | BaseException]:
         """Several streams of one setup in one ``step_many`` call; per-stream loads, writes and errors."""
@@ -234,16 +239,16 @@ class ModelWorker:
                 setup.model, [Segment(xs[i], state, jobs[i].adapt) for i, state, _, _ in loaded]
             )
         elapsed = (time.perf_counter() - started) / max(len(loaded), 1)
-        probs_all = (
+        scored_all = ScoredProbs.of(
             torch.softmax(torch.cat([r.logits.detach().float() for r in stepped]), dim=1).cpu().numpy()
             if stepped
             else np.empty((0, 0), dtype=np.float32)
         )
         offsets = np.cumsum([0] + [len(r.logits) for r in stepped])
         for k, ((i, _, version, seen), result) in enumerate(zip(loaded, stepped, strict=True)):
-            probs = probs_all[offsets[k] : offsets[k + 1]]
+            scored = scored_all.rows(offsets[k], offsets[k + 1])
             try:
-                results[i] = self._finish(jobs[i], setup, xs[i], result, version, seen, elapsed, events, probs)
+                results[i] = self._finish(jobs[i], setup, xs[i], result, version, seen, elapsed, events, scored)
             except VersionConflictError:
                 self.observers.metrics.store_errors.labels("version_conflict").inc()
                 results[i] = self._retry_alone(jobs[i], events)

@@ -17,13 +17,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from prometheus_client import Counter, Histogram
 from torch import nn
 
 from adapters.auto import regime_name
 from adapters.base import StepInfo
 from adapters.norms import norm_kind_of
 from tta_server.metrics import Metrics
-from tta_server.serving.drift import BatchSignals, DriftTracker, entropy_and_confidence
+from tta_server.serving.drift import BatchSignals, DriftTracker, ScoredProbs
 from tta_server.state.base import StreamRecord
 from tta_server.zoo.catalogue import LoadedModel
 
@@ -37,12 +38,16 @@ class StepEvent:
     record: StreamRecord
     loaded: LoadedModel
     x: torch.Tensor
-    probs: np.ndarray
+    scored: ScoredProbs
     info: StepInfo
     step: int
     seconds: float
     adapt: bool
     state_bytes: int
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.scored.probs
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -87,6 +92,16 @@ class Observers:
                 self.metrics.observer_errors.labels(observer.name).inc()
 
 
+@dataclass(frozen=True)
+class _StepSeries:
+    """The per-(model, method) series every step touches."""
+
+    inference: Histogram
+    images: Counter
+    state_bytes: Histogram
+    adaptation_steps: Counter
+
+
 class MetricsObserver:
     """Per-(model, method) counters and histograms of a step."""
 
@@ -95,15 +110,32 @@ class MetricsObserver:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._children: dict[tuple[str, str], _StepSeries] = {}
+
+    def _series(self, labels: tuple[str, str]) -> _StepSeries:
+        """The labelled series of one (model, method), looked up once: a fused batch observes one event per
+        stream, and ``labels()`` (a lock and a dict lookup per metric) was the larger part of each."""
+        series = self._children.get(labels)
+        if series is None:
+            m = self.metrics
+            series = _StepSeries(
+                m.inference.labels(*labels),
+                m.images.labels(*labels),
+                m.state_bytes.labels(*labels),
+                m.adaptation_steps.labels(*labels),
+            )
+            self._children[labels] = series
+        return series
 
     def observe(self, event: StepEvent) -> None:
         m, labels, info = self.metrics, event.labels, event.info
-        m.inference.labels(*labels).observe(event.seconds)
-        m.images.labels(*labels).inc(len(event.probs))
+        series = self._series(labels)
+        series.inference.observe(event.seconds)
+        series.images.inc(len(event.probs))
         if event.adapt:
-            m.state_bytes.labels(*labels).observe(event.state_bytes)
+            series.state_bytes.observe(event.state_bytes)
         if info.adapted:
-            m.adaptation_steps.labels(*labels).inc()
+            series.adaptation_steps.inc()
         if info.samples_filtered:
             m.samples_filtered.labels(*labels).inc(info.samples_filtered)
         if info.resets:
@@ -125,7 +157,7 @@ class DriftObserver:
 
     def observe(self, event: StepEvent) -> None:
         probs, labels, info = event.probs, event.labels, event.info
-        entropy, confidence = entropy_and_confidence(probs)
+        entropy, confidence = event.scored.entropy, event.scored.confidence
         self.metrics.entropy.labels(*labels).observe(float(entropy.mean()))
         self.metrics.confidence.labels(*labels).observe(float(confidence.mean()))
         sampled = disagreed = 0
