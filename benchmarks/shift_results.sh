@@ -129,14 +129,15 @@ case "$PHASE" in
     for m in tent sar; do for s in iid correlated; do run --model resnet20 --method $m --setting $s --batch-size 64; done; done ;;
   seeds)
     # methods with randomness, seeds 1 and 2 beside the seed-0 rows (`auto` has none: its components start
-    # from fixed directions); CEMA on 1,000-image streams, beside the source model on the same streams
+    # from fixed directions); CEMA on one fixed 1,000-image stream (--stream-seed 0), only its own seed
+    # varying, beside the source model on the same stream
     for seed in 1 2; do run --model resnet20 --method unmix_tns --setting iid --batch-size 64 --seed $seed; done
+    O=benchmarks/results/seeds-1000
     for seed in 0 1 2; do
       run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid \
-          --batch-size 64 --limit 1000 --seed $seed --out benchmarks/results/seeds-1000
-      run --model resnet20 --method source --setting iid --batch-size 64 --limit 1000 --seed $seed \
-          --out benchmarks/results/seeds-1000
-    done ;;
+          --batch-size 64 --limit 1000 --seed $seed --stream-seed 0 --out $O
+    done
+    run --model resnet20 --method source --setting iid --batch-size 64 --limit 1000 --seed 0 --stream-seed 0 --out $O ;;
   cost)
     .venv/bin/python -m benchmarks.method_cost --threads "$THREADS" --out benchmarks/results/method_cost.json \
         --markdown docs/cost.md --note "${NOTE:-}" ;;
