@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from adapters.serialize import state_from_bytes
 from tests.api.helpers import NPY, npy_bytes, random_images
 from tta_server.api.deps import Services
 from tta_server.app import create_app
-from tta_server.serving.observers import DriftObserver, MetricsObserver, StepEvent
+from tta_server.metrics import Metrics
+from tta_server.serving.drift import DriftTracker
+from tta_server.serving.observers import DriftObserver, MetricsObserver, Observers, StepEvent
 from tta_server.settings import Settings
 
 
@@ -57,3 +60,15 @@ def test_a_failing_observer_changes_neither_the_answer_nor_the_state(
     assert f'tta_observer_errors_total{{observer="{broken.name}"}} 3.0' in metrics
     for observer in ("drift", "metrics"):
         assert f'tta_observer_errors_total{{observer="{observer}"}} 0.0' in healthy_metrics
+
+
+def test_only_batches_that_sample_the_source_model_are_deferred() -> None:
+    """The drift observer defers (runs after the answer) only the steps where it runs the source model;
+    a batch nobody defers gets no deferred pass on the worker."""
+    metrics = Metrics()
+    observers = Observers([MetricsObserver(metrics), DriftObserver(DriftTracker(sample_every=10), metrics)], metrics)
+    at = {step: cast(StepEvent, SimpleNamespace(step=step)) for step in (1, 2, 10, 11)}
+    assert [observers.defers_any([at[s]]) for s in (1, 2, 10, 11)] == [True, False, False, True]
+    assert observers.defers_any([at[2], at[11]])
+    off = Observers([DriftObserver(DriftTracker(sample_every=0), metrics)], metrics)
+    assert not off.defers_any(list(at.values()))

@@ -154,6 +154,8 @@ class ModelWorker:
         else:
             results = self._run_fused(jobs, events)
         self._observe(events, deferred=False)
+        if not self.observers.defers_any(events):
+            return JobResults(results)
         return JobResults(results, after=lambda: self._observe(events, deferred=True))
 
     def _precision(self, setup: MethodSetup) -> contextlib.AbstractContextManager[object]:

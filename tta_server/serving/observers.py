@@ -58,13 +58,15 @@ class StepEvent:
 class StepObserver(Protocol):
     """Something that watches finished steps; ``name`` labels its errors.
 
-    A ``deferred`` observer runs after the step's answers were handed back (the drift observer
-    runs the source model every N batches: that forward pass must not delay the request it
-    samples); the others run before the answer, so counters include the request they answer.
+    An event the observer ``defers`` is observed after the step's answers were handed back (the
+    drift observer runs the source model every N batches: that forward pass must not delay the
+    request it samples); the others are observed before the answer, so counters include the
+    request they answer, and a batch that nobody defers costs no second trip to the worker.
     """
 
     name: str
-    deferred: bool
+
+    def defers(self, event: StepEvent) -> bool: ...
 
     def observe(self, event: StepEvent) -> None: ...
 
@@ -78,10 +80,14 @@ class Observers:
         for observer in self.observers:  # every observer's error series exists from the start, at 0
             metrics.observer_errors.labels(observer.name)
 
+    def defers_any(self, events: Sequence[StepEvent]) -> bool:
+        """Whether some observer defers some of ``events`` (then the worker queues a deferred pass)."""
+        return any(observer.defers(event) for event in events for observer in self.observers)
+
     def notify(self, event: StepEvent, deferred: bool = False) -> None:
-        """Run the observers whose ``deferred`` flag equals ``deferred`` on ``event``."""
+        """Run the observers that defer ``event`` (``deferred``) or that do not (the default) on it."""
         for observer in self.observers:
-            if observer.deferred != deferred:
+            if observer.defers(event) != deferred:
                 continue
             try:
                 observer.observe(event)
@@ -106,7 +112,10 @@ class MetricsObserver:
     """Per-(model, method) counters and histograms of a step."""
 
     name = "metrics"
-    deferred = False
+
+    def defers(self, event: StepEvent) -> bool:
+        """Never: counters include the request they answer."""
+        return False
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -149,7 +158,10 @@ class DriftObserver:
     """Drift signals of a step: entropy and confidence always, the source model's view every N batches."""
 
     name = "drift"
-    deferred = True
+
+    def defers(self, event: StepEvent) -> bool:
+        """Only the batches that run the source model (every ``sample_every``-th step of a stream)."""
+        return self.drift.should_sample(event.step)
 
     def __init__(self, drift: DriftTracker, metrics: Metrics) -> None:
         self.drift = drift
