@@ -22,6 +22,7 @@ whole path with the module that owns each step.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -286,6 +287,10 @@ def create_app(settings: Settings) -> FastAPI:
         batcher = services.streams.batcher
         await batcher.start()
         await batcher.run_in_worker(lambda: _preload(services))
+        # the models, modules and imports loaded so far live as long as the process: moved out of the
+        # collector's generations, a full collection no longer walks them (measured as tail latency)
+        gc.collect()
+        gc.freeze()
         yield
         await batcher.stop()
         services.decoder.close()
