@@ -8,7 +8,8 @@ round after round) so that a noisy neighbour hits all variants alike; each figur
 over the rounds, with the min-max spread:
 
 - **raw**: ``model(x)`` of the catalogue model at batch 1 and at batch 64 (pre-normalized input,
-  ``torch.inference_mode``), one torch thread, in this process while the servers idle;
+  ``torch.inference_mode``, contiguous and channels_last), one torch thread, in this process while
+  the servers idle, read again before every shape of every round (the figure is the median);
 - **plain**: :mod:`benchmarks.plain_server` (FastAPI + torch, the same ``.npy`` body, top-1 JSON);
 - **fused** / **unfused**: tta-server with ``TTA_FUSE_STREAMS`` on and off;
 - **shapes** ``S x B``: S streams, one client each, every client posting B images per request back
@@ -237,6 +238,15 @@ def create_streams(server: Server, model: str, method: str, prefix: str, count: 
 
 
 # -- in-process references ----------------------------------------------------------------
+def measure_raw(model: torch.nn.Module, x64: torch.Tensor, seconds: float, raw: dict[str, list[float]]) -> None:
+    """One more reading of the raw forward at batch 1 and 64, contiguous and channels_last, into ``raw``."""
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x64_cl = x64.contiguous(memory_format=torch.channels_last)
+    for suffix, m, x in (("", model, x64), ("_channels_last", model_cl, x64_cl)):
+        raw["1" + suffix].append(raw_forward(m, x[:1], seconds))
+        raw["64" + suffix].append(raw_forward(m, x, seconds))
+
+
 def raw_forward(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
     """Images/s of ``model(x)`` alone for about ``seconds``."""
 
@@ -415,17 +425,15 @@ def measure(
     began = time.monotonic()
     for round_ in range(rounds):
         print(f"round {round_ + 1}/{rounds} ({time.monotonic() - began:.0f} s)", file=sys.stderr)  # noqa: T201
-        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        x64_cl = x64.contiguous(memory_format=torch.channels_last)
-        for suffix, m, x in (("", model, x64), ("_channels_last", model_cl, x64_cl)):
-            raw["1" + suffix].append(raw_forward(m, x[:1], 0.5 if args.quick else 1.0))
-            raw["64" + suffix].append(raw_forward(m, x, 0.5 if args.quick else 1.0))
         for name in ("fused", "plain"):
             server = servers[name]
             stream = seq_stream if name == "fused" else "plain"
             count = args.sequential_requests // (3 if args.quick else 1)
             sequential_runs[name].append(asyncio.run(sequential(server, stream, bodies[1], count)))
         for shape in SHAPES:
+            # the raw reference again before every shape: the VM's speed drifts within a run, and a
+            # reference taken once per round was 25% apart between two runs of the same code
+            measure_raw(model, x64, 0.5, raw)
             streams_n, batch = shape
             runs: list[tuple[str, str]] = [("plain", "plain")]
             runs += [(variant, method) for method in methods for variant in ("fused", "unfused")]
