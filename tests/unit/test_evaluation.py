@@ -290,3 +290,19 @@ def test_cli_eval_then_report(tmp_path: Path, tiny_npz: Path, tiny_model: Path) 
     assert bad_config.exit_code == 2 and "invalid config" in bad_config.output
     empty = runner.invoke(app, ["report", str(tmp_path / "cache")])
     assert empty.exit_code == 2
+
+
+def test_a_run_keeps_its_config_in_its_label_after_a_default_changes() -> None:
+    """A record's config that differs from the method's current default shows in its row label, even when
+    it was the default (no override) at the time: rows never mix two configs under one name."""
+    from adapters.unmix_tns import UnMixTNSConfig
+
+    run = fake_result("unmix_tns", "iid", 64, {"fog": 40.0})
+    default = UnMixTNSConfig().init
+    other = next(v for v in ("random", "source", "source_spread") if v != default)
+    today = run.model_copy(update={"method_config": {"init": default, "temperature": 0.07}})
+    assert today.method_label == "unmix_tns"
+    then = run.model_copy(update={"method_config": {"init": other, "temperature": 0.07}})
+    assert then.method_label == f"unmix_tns(init={other})"
+    unknown = run.model_copy(update={"method": "not-registered", "config_overrides": {"a": 1}})
+    assert unknown.method_label == "not-registered(a=1)"

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.registry import method_class
+
 SCHEMA = "tta-server.eval/1"
 
 
@@ -128,21 +130,37 @@ class EvalResult(Frozen):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    def label_config(self) -> dict[str, Any]:
+        """The config fields that tell this run apart: its overrides, plus every field of its recorded
+        config that differs from the method's current default (a run written before a default changed
+        keeps the value it ran with in its label, instead of joining the rows of the new default)."""
+        shown = dict(self.config_overrides)
+        try:
+            defaults = method_class(self.method).config_cls().model_dump(mode="json")
+        except Exception:  # a method this checkout does not register: the overrides alone
+            return shown
+        for key, value in self.method_config.items():
+            if key in defaults and defaults[key] != value and key not in shown:
+                shown[key] = value
+        return shown
+
     @property
     def method_label(self) -> str:
         """The method name plus its non-default config, short enough for a table cell.
 
         Long overrides are shortened to a hash so that variants still stay apart.
         """
-        if not self.config_overrides:
+        config = self.label_config()
+        if not config:
             return self.method
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.config_overrides.items()))
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(config.items()))
         if len(shown) <= 40:
             return f"{self.method}({shown})"
-        return f"{self.method}[{self._config_digest()}]"
+        return f"{self.method}[{self._config_digest(config)}]"
 
-    def _config_digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.config_overrides, sort_keys=True).encode()).hexdigest()[:6]
+    def _config_digest(self, config: dict[str, Any] | None = None) -> str:
+        chosen = self.config_overrides if config is None else config
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:6]
 
     def stem(self) -> str:
         """File name (without suffix) that distinguishes runs written into one folder."""
