@@ -69,6 +69,10 @@ case "$PHASE" in
       run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting iid --batch-size 64 \
           --corruptions $C --limit 2000 --seed 1 --out "$OUT-tuning/unmix-init-$init"
     done
+    for init in random source source_spread; do   # the same choice under label correlation, seed 1
+      run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting correlated --batch-size 64 \
+          --corruptions $C --limit 2000 --seed 1 --out "$OUT-tuning/unmix-init-correlated-$init"
+    done
     for init in random source source_spread; do for seed in 0 2 3 4 5; do
       run --model resnet20 --method unmix_tns --config "{\"init\": \"$init\"}" --setting iid --batch-size 64 \
           --corruptions $C --limit 2000 --seed "$seed" --out benchmarks/results/unmix-init/$init
