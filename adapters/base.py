@@ -77,6 +77,10 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    legacy_values: ClassVar[dict[str, Any]] = {}
+    """Fields added after runs were recorded, with the value those runs used (their records lack the
+    field): how an old record is labelled once the field's default differs from that behaviour."""
+
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +271,8 @@ class UnMixBatchNorm(StreamBatchNorm):
 class UnMixTNSConfig(MethodConfig):
     """Official defaults (CIFAR: K = 16, B_max = 64; use K = 128 for mixed-domain streams), except ``init``
     (``"random"`` is the official draw)."""
+
+    legacy_values: ClassVar[dict[str, Any]] = {"init": "random"}  # every run before `init` existed
 
     num_components: int = Field(16, ge=1, le=512, description="K statistics components per BN layer")
     temperature: float = Field(0.07, gt=0.0, le=10.0, description="softmax temperature τ of the assignment")

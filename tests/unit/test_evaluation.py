@@ -304,5 +304,14 @@ def test_a_run_keeps_its_config_in_its_label_after_a_default_changes() -> None:
     assert today.method_label == "unmix_tns"
     then = run.model_copy(update={"method_config": {"init": other, "temperature": 0.07}})
     assert then.method_label == f"unmix_tns(init={other})"
+    spelled_out = today.model_copy(update={"config_overrides": {"init": default}})
+    assert spelled_out.method_label == "unmix_tns"  # an override equal to today's default is none
     unknown = run.model_copy(update={"method": "not-registered", "config_overrides": {"a": 1}})
     assert unknown.method_label == "not-registered(a=1)"
+
+
+def test_records_older_than_a_config_field_are_labelled_with_what_they_ran() -> None:
+    """UnMix-TNS records written before `init` existed ran the official random draw."""
+    run = fake_result("unmix_tns", "iid", 64, {"fog": 40.0})
+    old = run.model_copy(update={"method_config": {"num_components": 16, "temperature": 0.07}})
+    assert old.method_label == "unmix_tns(init=random)"

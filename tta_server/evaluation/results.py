@@ -133,13 +133,16 @@ class EvalResult(Frozen):
     def label_config(self) -> dict[str, Any]:
         """The config fields that tell this run apart: its overrides, plus every field of its recorded
         config that differs from the method's current default (a run written before a default changed
-        keeps the value it ran with in its label, instead of joining the rows of the new default)."""
-        shown = dict(self.config_overrides)
+        keeps the value it ran with in its label, instead of joining the rows of the new default, and an
+        override that is the default today no longer splits a row)."""
         try:
-            defaults = method_class(self.method).config_cls().model_dump(mode="json")
+            config_cls = method_class(self.method).config_cls
         except Exception:  # a method this checkout does not register: the overrides alone
-            return shown
-        for key, value in self.method_config.items():
+            return dict(self.config_overrides)
+        defaults = config_cls().model_dump(mode="json")
+        shown = {k: v for k, v in self.config_overrides.items() if k not in defaults or defaults[k] != v}
+        recorded = {**config_cls.legacy_values, **self.method_config} if self.method_config else {}
+        for key, value in recorded.items():
             if key in defaults and defaults[key] != value and key not in shown:
                 shown[key] = value
         return shown
