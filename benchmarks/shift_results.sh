@@ -132,10 +132,12 @@ case "$PHASE" in
     run --model resnet20 --method alpha_bn --config "$A" --setting correlated --batch-size 64
     for m in tent sar; do for s in iid correlated; do run --model resnet20 --method $m --setting $s --batch-size 64; done; done ;;
   seeds)
-    # methods with randomness, seeds 1 and 2 beside the seed-0 rows (`auto` has none: its components start
-    # from fixed directions); CEMA on one fixed 1,000-image stream (--stream-seed 0), only its own seed
-    # varying, beside the source model on the same stream
-    for seed in 1 2; do run --model resnet20 --method unmix_tns --setting iid --batch-size 64 --seed $seed; done
+    # methods with randomness: CEMA (its replay and upload draws) on one fixed 1,000-image stream
+    # (--stream-seed 0), seeds 0, 1, 2, beside the source model on the same stream. `auto` and UnMix-TNS
+    # (init=source_spread) have none: their components start from fixed directions
+    # UnMix-TNS with its deterministic default init beside the official random draw's seed-0 rows
+    run --model resnet20 --method unmix_tns --setting iid --batch-size 64
+    run --model resnet20 --method unmix_tns --setting iid --batch-size 1 --limit 1000
     O=benchmarks/results/seeds-1000
     for seed in 0 1 2; do
       run --model resnet20 --method cema --config '{"teacher": "resnet56", "d_margin": 0.4}' --setting iid \
