@@ -198,9 +198,7 @@ class RequestMetricsMiddleware:
             await error_response(exc, str(scope.get("path", "")))(scope, receive, send_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = str(scope.get("method", ""))
-            self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            self.metrics.record_request(route, str(scope.get("method", "")), status, time.perf_counter() - started)
 
 
 def install_metrics(app: FastAPI, metrics: Metrics) -> None:

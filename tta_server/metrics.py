@@ -206,6 +206,11 @@ class Metrics:
         for reason in EVICTION_REASONS:
             self.streams_evicted.labels(reason)
 
+    def record_request(self, route: str, http_method: str, status: int, seconds: float) -> None:
+        """Count and time one HTTP answer under its route template (the middleware and the predict fast path)."""
+        self.requests.labels(route, http_method, str(status)).inc()
+        self.latency.labels(route, http_method).observe(seconds)
+
     def track_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         """Read a gauge's value from ``fn`` at scrape time."""
         gauge.set_function(fn)

@@ -87,7 +87,12 @@ async def get_principal(
     x_tenant: Annotated[str | None, X_TENANT] = None,
 ) -> Principal:
     """The caller (401 without a valid key when keys are configured), then a checked ``X-Tenant``."""
-    principal = authenticate(services.settings.api_keys, request.headers.get("authorization"), x_tenant)
+    return resolve_principal(services.settings.api_keys, request.headers.get("authorization"), x_tenant)
+
+
+def resolve_principal(api_keys: dict[str, str], authorization: str | None, x_tenant: str | None) -> Principal:
+    """The caller of a request from its ``Authorization`` and ``X-Tenant`` headers (401, then 422 naming the header)."""
+    principal = authenticate(api_keys, authorization, x_tenant)
     check_tenant_header(x_tenant)
     return principal
 

@@ -30,9 +30,9 @@ from urllib.parse import parse_qsl
 from starlette.requests import ClientDisconnect
 
 from tta_server.api.body import read_asgi_body
-from tta_server.api.deps import Services, check_tenant_header
+from tta_server.api.deps import Services, resolve_principal
 from tta_server.api.predict import NPY_TYPES, answer_json, decode_npy_request
-from tta_server.auth import Principal, authenticate
+from tta_server.auth import Principal
 from tta_server.errors import ServiceError
 from tta_server.observability import tracing
 from tta_server.observability.request_id import (
@@ -77,16 +77,18 @@ def parse_query(query: bytes, default_top_k: int = 5) -> tuple[bool, int] | None
     return adapt, top_k
 
 
-def request_headers(scope: Scope) -> dict[bytes, bytes]:
-    """The headers this path reads (lower-case names); a repeated one makes the request not ours."""
+def npy_request_headers(scope: Scope) -> dict[bytes, bytes] | None:
+    """The headers this path reads (lower-case names) of a ``.npy`` body; None when the body is of another
+    media type or one of them is repeated (the route decides then)."""
     wanted = (b"content-type", b"content-length", b"authorization", b"x-tenant")
     found: dict[bytes, bytes] = {}
     for key, value in scope.get("headers", ()):
         if key in wanted:
             if key in found:
-                found[b"repeated"] = b""
+                return None
             found[key] = value
-    return found
+    content_type = found.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+    return found if content_type in NPY_TYPES else None
 
 
 class FastPredict:
@@ -103,9 +105,8 @@ class FastPredict:
         match = _PATH.fullmatch(scope["path"])
         if match is None:
             return None
-        headers = request_headers(scope)
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
-        if b"repeated" in headers or content_type not in NPY_TYPES:
+        headers = npy_request_headers(scope)
+        if headers is None:
             return None
         options = parse_query(scope.get("query_string", b""))
         if options is None:
@@ -120,11 +121,9 @@ class FastPredict:
         try:
             authorization = headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None
             tenant = headers[b"x-tenant"].decode("latin-1") if b"x-tenant" in headers else None
-            principal = authenticate(self.services.settings.api_keys, authorization, tenant)
-            check_tenant_header(tenant)
+            return resolve_principal(self.services.settings.api_keys, authorization, tenant)
         except ServiceError:
             return None
-        return principal
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request and return True, or return False, having read nothing, when it is not ours."""
@@ -138,9 +137,7 @@ class FastPredict:
             try:
                 status = await self._answer(scope, receive, send, ours, request_id.encode("ascii"))
             finally:
-                metrics = self.services.metrics
-                metrics.requests.labels(ROUTE, "POST", str(status)).inc()
-                metrics.latency.labels(ROUTE, "POST").observe(time.perf_counter() - started)
+                self.services.metrics.record_request(ROUTE, "POST", status, time.perf_counter() - started)
         return True
 
     async def _answer(
