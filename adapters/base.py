@@ -69,6 +69,7 @@ from torch import nn
 
 from adapters.errors import AuxiliaryModelError, InvalidConfigError, StateMismatchError, UnsupportedModelError
 from adapters.norms import NormKind, detect_norm_kinds
+from adapters.packed import PackedTensors
 from adapters.validation import check_same_tensors, check_step, check_values
 
 
@@ -127,11 +128,14 @@ class StateMeta:
 class StreamState:
     """Everything one stream has adapted: named tensors plus metadata."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
+    """A dict, or after a fused step a :class:`~adapters.packed.PackedTensors` (read-only, one buffer)."""
     meta: StateMeta
 
     def nbytes(self) -> int:
         """Bytes held by the tensors (what a stream costs in memory and in the store)."""
+        if isinstance(self.tensors, PackedTensors):
+            return self.tensors.nbytes()
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def with_meta(self, **changes: Any) -> StreamState:

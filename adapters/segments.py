@@ -27,6 +27,7 @@ from torch import nn
 
 from adapters.base import Adapter, Segment, StepResult
 from adapters.functional import Tensors, qualified
+from adapters.packed import PackedTensors, packable, same_layout, stack_packed, unstack_packed
 
 SEGMENT_INDEX = "segment_index"
 SEGMENT_SIZES = "segment_sizes"
@@ -114,13 +115,27 @@ def segment_names(tensors: Mapping[str, torch.Tensor]) -> Tensors:
 
 
 def stacked(states: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
-    """Stack the same-named tensors of several streams along a new leading segment dimension."""
+    """Stack the same-named tensors of several streams along a new leading segment dimension.
+
+    Fresh storage either way (layers may update the result in place); streams packed with one
+    layout stack in one call.
+    """
+    layout = same_layout(states)
+    if layout is not None:
+        return stack_packed([s for s in states if isinstance(s, PackedTensors)], layout)
     return {key: torch.stack([s[key] for s in states]) for key in states[0]}
 
 
 def row(tensors: Mapping[str, torch.Tensor], i: int) -> Tensors:
     """Segment ``i``'s copy of every stacked tensor (own storage: states never share a buffer)."""
     return {key: value[i].detach().clone() for key, value in tensors.items()}
+
+
+def unstacked(tensors: Mapping[str, torch.Tensor], count: int) -> list[Mapping[str, torch.Tensor]]:
+    """Every segment's row of the stacked tensors, each with its own storage: packed when they share a dtype."""
+    if packable(tensors):
+        return list(unstack_packed(tensors, count))
+    return [row(tensors, i) for i in range(count)]
 
 
 def segment_losses(values: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ instances, weighted by the same assignment. Training-free, one forward.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -44,11 +44,20 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
-from adapters.functional import Tensors, cloned, drift_extra, forward, on_device, qualified, var_mean
+from adapters.functional import (
+    Tensors,
+    cloned,
+    drift_extra,
+    forward,
+    kept_on_device,
+    on_device,
+    qualified,
+    var_mean,
+)
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
-from adapters.segments import FusedBatch, fused_or_stepped, row, segment_sum, stacked
+from adapters.segments import FusedBatch, fused_or_stepped, segment_sum, stacked, unstacked
 
 MEANS = "unmix_means"
 VARS = "unmix_vars"
@@ -347,13 +356,13 @@ class UnMixTNS(Adapter[UnMixTNSConfig]):
     @torch.no_grad()
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         batch = FusedBatch.of([seg.x for seg in segments])
-        components = stacked([on_device(seg.state.tensors, batch.x.device) for seg in segments])  # fresh copies
+        components = stacked([kept_on_device(seg.state.tensors, batch.x.device) for seg in segments])  # fresh
         names = [name for name, _ in self._component_layers(model)]
         call = {**components, **self._hyper(model, batch.x.device), **batch.per_layer(names)}
         logits = batch.split(forward(model, call, batch.x))
+        rows = unstacked(components, batch.count)
         return [
-            self._result(out, seg.state, row(components, i), seg.adapt)
-            for i, (out, seg) in enumerate(zip(logits, segments, strict=True))
+            self._result(out, seg.state, own, seg.adapt) for out, seg, own in zip(logits, segments, rows, strict=True)
         ]
 
     def _hyper(self, model: nn.Module, device: torch.device) -> Tensors:
@@ -370,9 +379,16 @@ class UnMixTNS(Adapter[UnMixTNSConfig]):
         return call
 
     @staticmethod
-    def _result(logits: torch.Tensor, state: StreamState, components: Tensors, adapt: bool) -> StepResult:
+    def _result(
+        logits: torch.Tensor,
+        state: StreamState,
+        components: Mapping[str, torch.Tensor],
+        adapt: bool,
+        extra: dict[str, float] | None = None,
+    ) -> StepResult:
         samples = len(logits)
-        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=drift_extra(logits))
+        used = samples if adapt else 0
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=used, extra=extra or drift_extra(logits))
         if not adapt:
             return StepResult(logits, state, info)
         return StepResult(logits, StreamState(components, state.meta).with_meta(step=state.meta.step + 1), info)

@@ -102,6 +102,23 @@ def test_step_many_matches_each_stream_alone(name: str, norm: NormKind) -> None:
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
+def test_fused_rounds_continue_from_fused_states(name: str, norm: NormKind) -> None:
+    """Every stream adapting, three fused rounds in a row: states a fused step returned (packed in
+    one buffer where the method packs them) feed the next fused step exactly like plain states."""
+    adapter, model, _ = build(name, norm)
+    segments = [Segment(s.x, s.state, True) for s in make_segments(adapter, model)]
+    for round_ in range(3):
+        expected = alone(adapter, model, segments)
+        fused = adapter.step_many(model, segments)
+        for want, got in zip(expected, fused, strict=True):
+            assert_same_result(want, got)
+        segments = [
+            Segment(batches(1, size=s.x.shape[0], seed=400 + round_ + i)[0], r.state, True)
+            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
+        ]
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
 def test_constant_stream_changes_nothing_of_the_others(name: str, norm: NormKind) -> None:
     adapter, model, _ = build(name, norm)
     segments = make_segments(adapter, model)
