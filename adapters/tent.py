@@ -42,12 +42,14 @@ from adapters.functional import (
     entropy,
     forward,
     grads_of,
+    kept_on_device,
     model_device,
     norm_affine,
     on_device,
     per_layer,
     prefixed,
     requiring_grad,
+    segment_drift_extras,
     sgd_step,
     unprefixed,
     zeros_like_all,
@@ -62,7 +64,7 @@ from adapters.layers import (
 )
 from adapters.norms import NormKind
 from adapters.registry import register
-from adapters.segments import FusedBatch, row, segment_losses, segment_names, stacked
+from adapters.segments import FusedBatch, row, segment_losses, segment_names, stacked, unstacked
 
 PARAM = "affine/"
 MOMENT1 = "opt_m/"
@@ -102,7 +104,14 @@ def fused_affine_forward(
     The stacked leaves (S, ...) require grad when gradients are enabled, so one backward of a
     sum of per-segment losses yields every segment's own gradient in its row.
     """
-    live = {k: v.requires_grad_(torch.is_grad_enabled()) for k, v in stacked(params).items()}
+    return stacked_affine_forward(model, batch, stacked(params), flags)
+
+
+def stacked_affine_forward(
+    model: nn.Module, batch: FusedBatch, params: Tensors, flags: Tensors
+) -> tuple[torch.Tensor, Tensors]:
+    """:func:`fused_affine_forward` with the segments' parameters already stacked (S, ...)."""
+    live = {k: v.detach().requires_grad_(torch.is_grad_enabled()) for k, v in params.items()}
     call = {**flags, **segment_names(live), **batch.per_layer(segment_layers(model))}
     return forward(model, call, batch.x), live
 
@@ -121,6 +130,43 @@ class _Optimizer:
     m1: Tensors
     m2: Tensors
     opt_step: int
+
+
+@dataclass
+class _StackedOptimizer:
+    """Every stream's parameters and moments of a fused call, stacked (S, ...), and their Adam step counts."""
+
+    params: Tensors
+    m1: Tensors
+    m2: Tensors
+    steps: list[int]
+
+    @classmethod
+    def of(cls, tensors: Tensors) -> _StackedOptimizer:
+        count = len(next(iter(tensors.values())))
+        steps = [int(v) for v in tensors[OPT_STEP].tolist()] if OPT_STEP in tensors else [0] * count
+        return cls(unprefixed(PARAM, tensors), unprefixed(MOMENT1, tensors), unprefixed(MOMENT2, tensors), steps)
+
+    def params_of(self, streams: Sequence[int]) -> Tensors:
+        """The parameters of ``streams`` in that order (the stacked tensors themselves for all streams)."""
+        return self.params if list(streams) == list(range(len(self.steps))) else _take(self.params, streams)
+
+
+def _take(tensors: Tensors, rows: Sequence[int], whole: bool = False) -> Tensors:
+    """Rows ``rows`` of every stacked tensor (a copy), or the tensors themselves when ``whole``."""
+    if whole:
+        return tensors
+    index = torch.tensor(list(rows), device=next(iter(tensors.values())).device)
+    return {k: v.index_select(0, index) for k, v in tensors.items()}
+
+
+def _put(tensors: Tensors, rows: Sequence[int], values: Tensors, whole: bool = False) -> Tensors:
+    """``tensors`` with rows ``rows`` replaced by ``values`` (new tensors: the old ones may be in a graph),
+    or ``values`` themselves when they are ``whole``."""
+    if whole:
+        return values
+    index = torch.tensor(list(rows), device=next(iter(tensors.values())).device)
+    return {k: v.index_copy(0, index, values[k]) for k, v in tensors.items()}
 
 
 @register
@@ -175,34 +221,49 @@ class Tent(Adapter[TentConfig]):
         return fused_with_segment_affine(self, model, segments, self._fused, PARAM)
 
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
+        """Every stream's parameters and moments stacked (S, ...) for the whole call, never split per tensor."""
         cfg = self.config
         device = segments[0].x.device
         states = [self.reset(model, seg.state) if seg.adapt and cfg.episodic else seg.state for seg in segments]
-        opts = [self._optimizer(on_device(state.tensors, device)) for state in states]
+        opt = _StackedOptimizer.of(stacked([kept_on_device(state.tensors, device) for state in states]))
         flags = batch_stats_flags(model)
         adapting = [i for i, seg in enumerate(segments) if seg.adapt]
-        first: list[torch.Tensor] = []
+        first = torch.empty(0)
         for k in range(cfg.steps):
             members = list(range(len(segments))) if k == 0 else adapting
             batch = FusedBatch.of([segments[i].x for i in members])
             with torch.set_grad_enabled(bool(adapting)):
-                logits, live = fused_affine_forward(model, batch, [opts[i].params for i in members], flags)
+                logits, live = stacked_affine_forward(model, batch, opt.params_of(members), flags)
             if k == 0:
-                first = batch.split(logits.detach())
-            losses = [part.mean() for part in segment_losses(entropy(logits), batch.lengths)] if adapting else []
+                first = logits.detach()
             rows = [j for j, i in enumerate(members) if segments[i].adapt]
             if not rows:
                 break
+            losses = [part.mean() for part in segment_losses(entropy(logits), batch.lengths)]
             grads = grads_of(torch.stack([losses[j] for j in rows]).sum(), live)
-            self._update_rows([opts[members[j]] for j in rows], grads, rows)
+            self._update_stacked(opt, grads, rows, [members[j] for j in rows])
+        lengths = [len(seg.x) for seg in segments]
+        extras = segment_drift_extras(first, lengths)
+        logits_of = list(torch.split(first, lengths))
+        own = unstacked(self._state_tensors(opt, device), len(segments)) if adapting else []
         results = []
-        for seg, state, opt, logits in zip(segments, states, opts, first, strict=True):
+        for i, (seg, state, extra) in enumerate(zip(segments, states, extras, strict=True)):
+            logits = logits_of[i].clone()
             if seg.adapt:
-                results.append(self._adapted(logits, state, opt))
+                info = StepInfo(True, len(logits), len(logits), forwards=cfg.steps, backwards=cfg.steps, extra=extra)
+                new_state = StreamState(own[i], state.meta).with_meta(step=state.meta.step + 1)
+                results.append(StepResult(logits, new_state, info))
             else:
-                info = StepInfo(adapted=False, samples=len(logits), samples_used=0, extra=drift_extra(logits))
-                results.append(StepResult(logits, state, info))
+                results.append(StepResult(logits, state, StepInfo(False, len(logits), 0, extra=extra)))
         return results
+
+    def _state_tensors(self, opt: _StackedOptimizer, device: torch.device) -> Tensors:
+        """The stacked state tensors (S, ...) under the state's names, in the order ``init_state`` gives them."""
+        tensors = {**prefixed(PARAM, opt.params), **prefixed(MOMENT1, opt.m1)}
+        if self.config.optimizer == "adam":
+            tensors.update(prefixed(MOMENT2, opt.m2))
+            tensors[OPT_STEP] = torch.tensor(opt.steps, dtype=torch.int64, device=device)
+        return tensors
 
     def _optimizer(self, tensors: Tensors) -> _Optimizer:
         """A stream's parameters and moments from its state tensors."""
@@ -210,34 +271,33 @@ class Tent(Adapter[TentConfig]):
         opt_step = int(tensors[OPT_STEP]) if OPT_STEP in tensors else 0
         return _Optimizer(unprefixed(PARAM, tensors), m1, m2, opt_step)
 
-    def _update_rows(self, opts: Sequence[_Optimizer], grads: Tensors, rows: Sequence[int]) -> None:
-        """Optimizer steps of several streams, ``grads`` stacked with stream ``opts[j]`` in row ``rows[j]``.
+    def _update_stacked(
+        self, opt: _StackedOptimizer, grads: Tensors, rows: Sequence[int], streams: Sequence[int]
+    ) -> None:
+        """Optimizer steps of streams ``streams[j]``, whose gradients are row ``rows[j]`` of ``grads``.
 
         The optimizers are elementwise, so streams at the same Adam step count are updated in one
-        call on stacked tensors (the same arithmetic per element as one call per stream, without
-        its per-tensor overhead repeated for every stream).
+        call on their stacked rows: the same arithmetic per element as one call per stream.
         """
-        groups: dict[int, list[int]] = {}
-        for j, opt in enumerate(opts):
-            groups.setdefault(opt.opt_step, []).append(j)
-        for members in groups.values():
-            pick = torch.tensor([rows[j] for j in members], device=next(iter(grads.values())).device)
-            picked = {k: g.index_select(0, pick) for k, g in grads.items()}
-            self._update_group([opts[j] for j in members], picked)
-
-    def _update_group(self, opts: Sequence[_Optimizer], grads: Tensors) -> None:
-        """One optimizer step of streams at the same step count, on their stacked tensors."""
         cfg = self.config
-        params, m1 = stacked([o.params for o in opts]), stacked([o.m1 for o in opts])
-        m2 = stacked([o.m2 for o in opts]) if cfg.optimizer == "adam" else {}
-        opt_step = opts[0].opt_step + (cfg.optimizer == "adam")
-        if cfg.optimizer == "adam":
-            betas = (cfg.beta1, cfg.beta2)
-            params, m1, m2 = adam_step(params, grads, m1, m2, opt_step, cfg.lr, betas, weight_decay=cfg.weight_decay)
-        else:
-            params, m1 = sgd_step(params, grads, m1, cfg.lr, cfg.momentum, cfg.weight_decay)
-        for j, opt in enumerate(opts):
-            opt.params, opt.m1, opt.m2, opt.opt_step = row(params, j), row(m1, j), row(m2, j), opt_step
+        groups: dict[int, list[int]] = {}
+        for j, stream in enumerate(streams):
+            groups.setdefault(opt.steps[stream], []).append(j)
+        for step, members in groups.items():
+            picked = [streams[j] for j in members]
+            whole = picked == list(range(len(opt.steps)))  # every stream, in order: no gathering
+            g = grads if whole and list(rows) == picked else _take(grads, [rows[j] for j in members])
+            params, m1 = _take(opt.params, picked, whole), _take(opt.m1, picked, whole)
+            if cfg.optimizer == "adam":
+                betas = (cfg.beta1, cfg.beta2)
+                m2 = _take(opt.m2, picked, whole)
+                params, m1, m2 = adam_step(params, g, m1, m2, step + 1, cfg.lr, betas, weight_decay=cfg.weight_decay)
+                opt.m2 = _put(opt.m2, picked, m2, whole)
+                for stream in picked:
+                    opt.steps[stream] = step + 1
+            else:
+                params, m1 = sgd_step(params, g, m1, cfg.lr, cfg.momentum, cfg.weight_decay)
+            opt.params, opt.m1 = _put(opt.params, picked, params, whole), _put(opt.m1, picked, m1, whole)
 
     def _update(self, opt: _Optimizer, grads: Tensors) -> None:
         """One optimizer step of one stream, in place on its :class:`_Optimizer` record."""

@@ -78,12 +78,16 @@ def test_layouts_are_shared_between_streams() -> None:
     assert interned(Layout(("x",), ((2,),), torch.float32)) is interned(Layout(("x",), ((2,),), torch.float32))
 
 
-def test_mixed_dtypes_stay_plain_dicts() -> None:
-    tensors = {"w": torch.randn(2, 3), "step": torch.zeros(2, dtype=torch.int64)}
-    assert not packable(tensors) and not packable({})
+def test_tensors_of_another_dtype_stay_loose_beside_the_buffer() -> None:
+    tensors = {"w": torch.randn(2, 3), "step": torch.tensor([4, 7]), "b": torch.randn(2)}
+    assert packable(tensors) and not packable({})
     rows = unstacked(tensors, 2)
-    assert all(type(row) is dict for row in rows)
+    assert all(isinstance(row, PackedTensors) for row in rows)
+    assert list(rows[1]) == ["w", "b", "step"] and "step" in rows[1]
     assert torch.equal(rows[1]["w"], tensors["w"][1]) and rows[1]["step"].dtype == torch.int64
+    assert int(rows[1]["step"]) == 7 and rows[1].nbytes() == 4 * 4 + 8
+    again = stacked(rows)
+    assert torch.equal(again["step"], tensors["step"]) and torch.equal(again["b"], tensors["b"])
 
 
 def test_a_buffer_that_does_not_fit_its_layout_is_refused() -> None:
@@ -92,6 +96,8 @@ def test_a_buffer_that_does_not_fit_its_layout_is_refused() -> None:
         PackedTensors(torch.zeros(4), layout)
     with pytest.raises(ValueError, match="does not hold layout"):
         PackedTensors(torch.zeros(5, dtype=torch.float64), layout)
+    with pytest.raises(ValueError, match="loose tensors"):
+        PackedTensors(torch.zeros(5), layout, {"step": torch.tensor(1)})
 
 
 def test_packed_state_bytes_and_serialization() -> None:
