@@ -242,6 +242,8 @@ def build_services(settings: Settings) -> Services:
         timeout=settings.request_timeout_s,
         on_batch=on_batch,
         group_of=fusion_group if settings.fuse_streams else None,
+        inline_max_images=settings.inline_max_images,
+        inline_max_seconds=settings.inline_max_ms / 1000,
     )
     streams = StreamService(hub, store, worker, batcher, drift, metrics)
     metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)

@@ -53,6 +53,20 @@ class Settings(BaseSettings):
     fuse_streams: bool = Field(
         True, description="run batches of different streams of one model, method and config in one forward pass"
     )
+    inline_max_images: int = Field(
+        4,
+        ge=0,
+        le=4096,
+        description="a lone batch of at most this many images, with nothing else queued or decoding and the worker "
+        "idle, runs on the event loop instead of the worker thread (saves the thread hand-off); 0 = never",
+    )
+    inline_max_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="...and only while such small batches have recently taken at most this long (the event loop "
+        "is busy for the whole batch)",
+    )
     max_queue: int = Field(256, ge=1, le=1_000_000, description="waiting requests before 429")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="queue deadline per request (504)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")

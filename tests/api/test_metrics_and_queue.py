@@ -48,7 +48,8 @@ def test_metrics_exported_in_base_units(client: TestClient) -> None:
 
 def test_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
     """One request running, one waiting (max_queue = 1): the next two are refused with 429."""
-    app = create_app(settings.model_copy(update={"max_queue": 1, "max_delay_ms": 0}))
+    # inline off: the first request's batch must run on the worker while the loop takes the others
+    app = create_app(settings.model_copy(update={"max_queue": 1, "max_delay_ms": 0, "inline_max_images": 0}))
     services: Services = app.state.services
     release, running = threading.Event(), threading.Event()
     original = services.streams.worker.run_jobs

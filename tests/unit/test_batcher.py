@@ -295,3 +295,86 @@ def test_a_failing_stream_in_a_fused_batch_fails_alone() -> None:
         assert after == ["observed"]
 
     _run(main)
+
+
+def test_a_lone_small_batch_runs_inline_and_anything_else_on_the_worker() -> None:
+    """Inline only for one stream's batch of at most ``inline_max_images`` images, with nothing else
+    queued or decoding and the worker thread idle; torch work never runs on two threads at once."""
+    threads: list[tuple[str, int, str]] = []
+    worker_busy = threading.Event()
+    release = threading.Event()
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        threads.append(
+            (jobs[0].record.key.stream_id, sum(len(j.images) for j in jobs), threading.current_thread().name)
+        )
+        return JobResults([len(j.images) for j in jobs])
+
+    def block_worker() -> None:
+        worker_busy.set()
+        release.wait(30)
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=8, max_delay=0, group_of=_group, inline_max_images=2)
+        await batcher.start()
+        loop_thread = threading.current_thread().name
+        one = np.zeros((1, 1, 1, 3), np.uint8)
+        assert await batcher.submit(_record("small"), np.zeros((2, 1, 1, 3), np.uint8), True) == (2, slice(0, 2))
+        await batcher.submit(_record("large"), np.zeros((3, 1, 1, 3), np.uint8), True)
+        # the worker holds other torch work (a reset): the lone small batch must wait for it, not run beside it
+        blocker = batcher.run_in_worker(block_worker)
+        await _until(worker_busy.is_set)
+        waiting = asyncio.create_task(batcher.submit(_record("behind"), one, True))
+        await _until(lambda: batcher.worker_pending == 2)  # handed to the busy worker, behind the reset
+        release.set()
+        await asyncio.gather(blocker, waiting)
+        # two streams queued together fuse and run on the worker
+        await asyncio.gather(batcher.submit(_record("a"), one, True), batcher.submit(_record("b"), one, True))
+        await _until(lambda: batcher.worker_pending == 0)
+        await batcher.stop()
+        by_stream = {stream: (images, thread) for stream, images, thread in threads}
+        assert by_stream["small"] == (2, loop_thread)
+        assert by_stream["large"][1] != loop_thread
+        assert by_stream["behind"][1] != loop_thread
+        assert by_stream["a"] == (2, by_stream["large"][1])
+
+    _run(main)
+
+
+def test_small_batches_stop_running_inline_once_they_are_slow() -> None:
+    """The loop reads no request while it runs a batch: a slow small batch sends the next ones to the worker."""
+    threads: list[str] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)  # a slow model: 50 ms per small batch
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_delay=0, inline_max_images=1, inline_max_seconds=0.005)
+        await batcher.start()
+        for _ in range(3):
+            await batcher.submit(_record("s"), np.zeros((1, 1, 1, 3), np.uint8), True)
+        await batcher.stop()
+        loop_thread = threading.current_thread().name
+        assert threads[0] == loop_thread  # nothing measured yet
+        assert loop_thread not in threads[1:]  # 0.2 * 50 ms > 5 ms: never again inline
+
+    _run(main)
+
+
+def test_inline_is_off_by_default_and_with_zero() -> None:
+    threads: list[str] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        threads.append(threading.current_thread().name)
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        for batcher in (Batcher(run_jobs, max_delay=0), Batcher(run_jobs, max_delay=0, inline_max_images=0)):
+            await batcher.start()
+            await batcher.submit(_record("s"), np.zeros((1, 1, 1, 3), np.uint8), True)
+            await batcher.stop()
+        assert threading.current_thread().name not in threads and len(threads) == 2
+
+    _run(main)

@@ -22,10 +22,17 @@ Contract:
 - A request whose deadline passed before its batch started fails with
   :class:`DeadlineExceededError` (504) and never touches the stream; a batch that has started
   always completes.
-- ``run_jobs`` runs in a dedicated worker thread, never on the event loop, and returns one
-  result (or exception) per job, so one stream's failure stays with its own requests. If it
-  raises, every request of that batch gets the error and the loop goes on. ``after`` (the
-  observers' deferred work) runs on the worker thread after the answers were handed back.
+- ``run_jobs`` runs in a dedicated worker thread and returns one result (or exception) per
+  job, so one stream's failure stays with its own requests. If it raises, every request of
+  that batch gets the error and the loop goes on. ``after`` (the observers' deferred work) runs
+  on the worker thread after the answers were handed back.
+- **Inline.** A lone batch (one stream, at most ``inline_max_images`` images) while nothing
+  else is queued or decoding and the worker thread has nothing left to run, runs on the event
+  loop itself: the hand-off to the worker and back costs CPU on both threads, and nothing could
+  run beside it anyway. Only while such small batches have recently been quick
+  (``inline_max_seconds``, a moving average wherever they ran): the loop reads no request while
+  it runs one. Torch work still never runs on two threads at once: the loop does not hand
+  anything to the worker while it runs a batch, and runs none while the worker has work.
 """
 
 from __future__ import annotations
@@ -37,9 +44,9 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -151,6 +158,8 @@ class Batcher(Generic[R]):
         timeout: float = 30.0,
         on_batch: Callable[[int, int, int], None] | None = None,
         group_of: GroupOf | None = None,
+        inline_max_images: int = 0,
+        inline_max_seconds: float = 0.01,
     ) -> None:
         self._run_jobs = run_jobs
         self.max_batch = max_batch
@@ -159,6 +168,10 @@ class Batcher(Generic[R]):
         self.timeout = timeout
         self._on_batch = on_batch
         self._group_of = group_of
+        self.inline_max_images = inline_max_images
+        self.inline_max_seconds = inline_max_seconds
+        self._small_batch_seconds = 0.0  # moving average of batches small enough to run inline, wherever they ran
+        self._worker_work: list[asyncio.Future[Any] | Future[Any]] = []
         self._pending: dict[StreamKey, deque[PendingRequest[R]]] = {}
         self._ready: OrderedDict[StreamKey, None] = OrderedDict()
         self._wake: asyncio.Event | None = None
@@ -226,7 +239,29 @@ class Batcher(Generic[R]):
 
     def run_in_worker(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run other torch work (stream reset, state import) on the same worker thread, in order."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn)
+        self._worker_work.append(future)
+        return future
+
+    @property
+    def worker_pending(self) -> int:
+        """Work handed to the worker thread and not finished yet: batches, resets and imports, deferred observers."""
+        self._worker_work = [f for f in self._worker_work if not f.done()]
+        return len(self._worker_work)
+
+    def _worker_idle(self) -> bool:
+        return self.worker_pending == 0
+
+    def _runs_inline(self, segments: list[list[PendingRequest[R]]], images: int) -> bool:
+        """A lone small batch with nothing queued, nothing decoding and an idle worker (see the module doc)."""
+        return (
+            len(segments) == 1
+            and images <= self.inline_max_images
+            and self._small_batch_seconds <= self.inline_max_seconds
+            and not self._ready
+            and self._reserved == 0
+            and self._worker_idle()
+        )
 
     # -- requests -------------------------------------------------------------------------
     async def submit(
@@ -358,11 +393,9 @@ class Batcher(Generic[R]):
         ]
         images = sum(len(job.images) for job in jobs)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
             self._trace_queue_waits(segments)
-            # the worker thread runs in the lead request's context: its log lines and spans name it
-            outcome = await loop.run_in_executor(self._executor, segments[0][0].context.run, self._run_traced, jobs)
+            outcome = await self._execute(segments, jobs, images)
         except Exception as exc:
             log.warning("batch of %d images for %d streams failed: %s", images, len(jobs), exc)
             for batch in segments:
@@ -372,9 +405,29 @@ class Batcher(Generic[R]):
             return
         elapsed = time.perf_counter() - started
         self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
+        if images <= self.inline_max_images:
+            self._small_batch_seconds = 0.8 * self._small_batch_seconds + 0.2 * elapsed
         if self._on_batch is not None:
             self._on_batch(images, sum(len(batch) for batch in segments), len(segments))
-        for batch, result in zip(segments, outcome.results, strict=True):
+        self._deliver(segments, outcome.results)
+        if outcome.after is not None:
+            # queued on the worker thread, not awaited: the next batch runs after it on that same thread,
+            # and the loop saves a wake-up per batch (the deferred observers log their own errors)
+            self._worker_work.append(self._executor.submit(segments[0][0].context.run, outcome.after))
+
+    async def _execute(self, segments: list[list[PendingRequest[R]]], jobs: list[Job], images: int) -> JobResults[R]:
+        """Run the batch inline or on the worker thread, in the lead request's context (its logs and spans name it)."""
+        context = segments[0][0].context
+        if self._runs_inline(segments, images):
+            return context.run(self._run_traced, jobs)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, context.run, self._run_traced, jobs)
+        self._worker_work.append(future)
+        return await future
+
+    @staticmethod
+    def _deliver(segments: list[list[PendingRequest[R]]], results: Sequence[R | BaseException]) -> None:
+        """Every request's answer: its segment's result and its rows, or its segment's error."""
+        for batch, result in zip(segments, results, strict=True):
             start = 0
             for request in batch:
                 if not request.future.done():
@@ -383,7 +436,3 @@ class Batcher(Generic[R]):
                     else:
                         request.future.set_result((result, slice(start, start + request.size)))
                 start += request.size
-        if outcome.after is not None:
-            # queued on the worker thread, not awaited: the next batch runs after it on that same thread,
-            # and the loop saves a wake-up per batch (the deferred observers log their own errors)
-            self._executor.submit(segments[0][0].context.run, outcome.after)
