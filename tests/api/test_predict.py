@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.helpers import NPY, encode, npy_bytes, random_images
+from tta_server.api.schemas import PredictResponse
 from tta_server.app import create_app
 from tta_server.settings import Settings
 
@@ -30,6 +31,18 @@ def test_npy_predictions_have_labels_probabilities_topk_entropy(client: TestClie
     assert p["class_name"] in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     assert p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] >= p["top_k"][2]["probability"]
     assert 0 <= p["entropy"] <= np.log(10) + 1e-6
+
+
+def test_the_answer_is_exactly_the_documented_schema(client: TestClient, stream: str) -> None:
+    """The answer is built without pydantic models: it must be what the validated schema serializes to."""
+    for body, headers in ((npy_bytes(random_images(2)), NPY), (None, None)):
+        if body is None:  # multipart goes through the FastAPI route, .npy through the fast path
+            files = [("files", ("a.png", encode(random_images(1)[0], "PNG"), "image/png"))]
+            r = client.post(f"/v1/streams/{stream}/predict", files=files, params={"top_k": 2})
+        else:
+            r = client.post(f"/v1/streams/{stream}/predict", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.content == PredictResponse.model_validate_json(r.content).model_dump_json().encode()
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])

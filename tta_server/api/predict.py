@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
+from pydantic_core import to_json
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -16,7 +17,7 @@ from starlette.formparsers import MultiPartException
 from adapters.auto import regime_name
 from tta_server.api.body import read_body
 from tta_server.api.deps import PrincipalDep, Services, ServicesDep
-from tta_server.api.schemas import Prediction, PredictJSON, PredictResponse, TopK
+from tta_server.api.schemas import PredictJSON, PredictResponse
 from tta_server.api.streams import ERRORS, stream_key
 from tta_server.errors import PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
 from tta_server.serving.admission import InputLimits, admit_files, admit_npy
@@ -125,13 +126,13 @@ async def decode_npy_request(body: bytes, spec: ModelSpec, services: Services) -
     return PredictInput(await services.decoder.run(decode_npy_batch, admitted, spec.input_size, **fit))
 
 
-def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction]:
-    """The answer's rows: top-k classes, probabilities and entropy per image.
+def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[dict[str, Any]]:
+    """The answer's rows (the fields of :class:`Prediction`): top-k classes, probabilities and entropy per image.
 
     The numbers are gathered for the whole batch in numpy and turned into Python values with one
-    ``tolist()`` each; the models are built with ``model_construct`` (no validation: every value
-    is already an int, str or float of the right field), because a per-value ``float()`` and a
-    validated model per class cost more CPU than the rest of the answer.
+    ``tolist()`` each, and the rows are plain dicts in the schema's field order: a per-value
+    ``float()`` and a pydantic model per class (even built without validation) cost more CPU than
+    the rest of the answer. ``tests/api`` checks the JSON against the validated schema.
     """
     probs, entropy = output.probs[rows], output.scored.entropy[rows]
     k = min(top_k, probs.shape[1])
@@ -142,19 +143,10 @@ def predictions(output: BatchOutput, rows: slice, top_k: int) -> list[Prediction
     out = []
     for row_labels, row_probs, row_entropy in zip(labels, chances, entropy.tolist(), strict=True):
         top = [
-            TopK.model_construct(label=c, class_name=classes[c], probability=p)
-            for c, p in zip(row_labels, row_probs, strict=True)
+            {"label": c, "class_name": classes[c], "probability": p} for c, p in zip(row_labels, row_probs, strict=True)
         ]
         first = top[0]
-        out.append(
-            Prediction.model_construct(
-                label=first.label,
-                class_name=first.class_name,
-                probability=first.probability,
-                entropy=row_entropy,
-                top_k=top,
-            )
-        )
+        out.append({**first, "entropy": row_entropy, "top_k": top})
     return out
 
 
@@ -189,18 +181,18 @@ async def predict(
 
 
 def answer_json(stream_id: str, outcome: PredictOutcome) -> bytes:
-    """The predict answer's JSON: built without validation (every field is typed by construction, see
-    :func:`predictions`) and serialized once by pydantic (FastAPI would validate it again)."""
+    """The predict answer's JSON (:class:`PredictResponse`): every field typed by construction (see
+    :func:`predictions`), serialized once by pydantic's serializer (FastAPI would validate it again)."""
     output, record = outcome.output, outcome.record
-    body = PredictResponse.model_construct(
-        stream_id=stream_id,
-        model=record.model,
-        method=record.method,
-        step=output.step,
-        version=output.version,
-        adapted=output.adapted,
-        batch_images=len(output.probs),
-        predictions=predictions(output, outcome.rows, outcome.top_k),
-        regime=regime_name(output.info.extra.get("regime")),
-    )
-    return body.model_dump_json().encode()
+    body = {
+        "stream_id": stream_id,
+        "model": record.model,
+        "method": record.method,
+        "step": output.step,
+        "version": output.version,
+        "adapted": output.adapted,
+        "batch_images": len(output.probs),
+        "predictions": predictions(output, outcome.rows, outcome.top_k),
+        "regime": regime_name(output.info.extra.get("regime")),
+    }
+    return to_json(body)

@@ -163,7 +163,8 @@ class ScoredProbs:
 
 def entropy_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row entropy (nats) and max probability of a probability matrix."""
-    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+    # softmax output never exceeds 1, so only the floor of a clip matters (np.maximum skips clip's wrapper)
+    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=1)
     return entropy, probs.max(axis=1)
 
 

@@ -92,10 +92,14 @@ def normalize(
     std: Sequence[float],
     size: int | None = None,
 ) -> torch.Tensor:
-    """Scale to [0, 1], resize to ``size`` if it differs, and normalize per channel."""
+    """Scale to [0, 1], resize to ``size`` if it differs, and normalize per channel.
+
+    The same operations in the same order as ``ToTensor`` + ``Normalize`` (so the values are
+    bit-identical), in place on the one float copy: no second and third batch-sized buffer.
+    """
     x = images_nchw_uint8.float().div_(255.0)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    return x.sub_(m).div_(s)
