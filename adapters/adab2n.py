@@ -46,7 +46,6 @@ from adapters.functional import (
     Tensors,
     bn_statistics,
     cloned,
-    drift_extra,
     forward,
     on_device,
     per_layer,
@@ -233,7 +232,7 @@ class AdaB2N(Adapter[AdaB2NConfig]):
         """The step's result from its logits and the statistics the layers updated."""
         cfg = self.config
         samples = len(logits)
-        extra = {**drift_extra(logits), "eta": eta}
+        extra = {"eta": eta}
         info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0, extra=extra)
         if not adapt:
             return StepResult(logits, state, info)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
-from adapters.functional import drift_extra, forward, model_device, per_layer, segment_drift_extras, var_mean
+from adapters.functional import forward, model_device, per_layer, var_mean
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
@@ -138,11 +138,7 @@ class AlphaBN(Adapter[AlphaBNConfig]):
         batch = FusedBatch.of([seg.x for seg in segments])
         call = {**self._call(model), **batch.per_layer(prepared_layers(model, AlphaBatchNorm))}
         out = forward(model, call, batch.x)
-        extras = segment_drift_extras(out, batch.lengths)
-        return [
-            self._result(part, seg.state, seg.adapt, extra)
-            for part, seg, extra in zip(batch.split(out), segments, extras, strict=True)
-        ]
+        return [self._result(part, seg.state, seg.adapt) for part, seg in zip(batch.split(out), segments, strict=True)]
 
     def _call(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Per-call tensors: the source weight and the variance flag for every swapped layer."""
@@ -153,10 +149,7 @@ class AlphaBN(Adapter[AlphaBNConfig]):
         return {**per_layer(names, "source_weight", weight), **per_layer(names, "unbiased", unbiased)}
 
     @staticmethod
-    def _result(
-        logits: torch.Tensor, state: StreamState, adapt: bool, extra: dict[str, float] | None = None
-    ) -> StepResult:
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
         samples = len(logits)
-        used = samples if adapt else 0
-        info = StepInfo(adapted=adapt, samples=samples, samples_used=used, extra=extra or drift_extra(logits))
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0)
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

@@ -68,7 +68,7 @@ from torch import nn
 from adapters.alpha_bn import AlphaBatchNorm
 from adapters.base import Adapter, MethodConfig, StepInfo, StepResult, StreamState
 from adapters.errors import StateMismatchError
-from adapters.functional import Tensors, cloned, drift_extra, entropy, forward, on_device, per_layer, qualified
+from adapters.functional import Tensors, cloned, entropy, forward, on_device, per_layer, qualified
 from adapters.layers import check_source_statistics, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
@@ -320,7 +320,6 @@ class Auto(Adapter[AutoConfig]):
         samples = len(logits)
         previous = AutoSignals.from_tensor(state.tensors[SIGNALS])
         info_extra = {
-            **drift_extra(logits),
             **extra,
             "regime": float(signals.regime),
             "switched": float(signals.switches != previous.switches),

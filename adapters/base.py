@@ -51,8 +51,10 @@ Optional hooks (defaults make them no-ops, so methods without them need nothing)
     loadable.
 
 :class:`StepInfo` reports, besides counts, ``samples_filtered`` (samples a filter excluded
-from the update) and in ``extra`` at least ``entropy_mean`` and ``max_prob_mean`` (drift
-signals), plus method-specific figures.
+from the update) and in ``extra`` method-specific figures (SAR's reliable samples, AdaB²N's
+eta, ``auto``'s regime). Prediction entropy and confidence are not among them: the server
+scores every answered row once per batch (``serving/drift.py``), so an adapter computing them
+again per step would only cost time (and a host sync per step on a GPU).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
-from adapters.functional import drift_extra, forward, model_device, per_layer, segment_drift_extras
+from adapters.functional import forward, model_device, per_layer
 from adapters.layers import BatchStatsNorm, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
@@ -69,11 +69,7 @@ class BNAdapt(Adapter[BNConfig]):
         batch = FusedBatch.of([seg.x for seg in segments])
         names = prepared_layers(model, BatchStatsNorm)
         out = forward(model, {**self._flags(model), **batch.per_layer(names)}, batch.x)
-        extras = segment_drift_extras(out, batch.lengths)
-        return [
-            self._result(part, seg.state, seg.adapt, extra)
-            for part, seg, extra in zip(batch.split(out), segments, extras, strict=True)
-        ]
+        return [self._result(part, seg.state, seg.adapt) for part, seg in zip(batch.split(out), segments, strict=True)]
 
     @staticmethod
     def _flags(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,10 +78,7 @@ class BNAdapt(Adapter[BNConfig]):
         return per_layer(prepared_layers(model, BatchStatsNorm), "batch_stats", flag)
 
     @staticmethod
-    def _result(
-        logits: torch.Tensor, state: StreamState, adapt: bool, extra: dict[str, float] | None = None
-    ) -> StepResult:
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
         samples = len(logits)
-        used = samples if adapt else 0
-        info = StepInfo(adapted=adapt, samples=samples, samples_used=used, extra=extra or drift_extra(logits))
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0)
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

@@ -77,7 +77,6 @@ from adapters.functional import (
     Tensors,
     bn_statistics,
     cloned,
-    drift_extra,
     entropy,
     entropy_margin,
     forward,
@@ -534,7 +533,7 @@ class CEMA(Adapter[CEMAConfig]):
     ) -> StepResult:
         """Everything after the edge forward: selection, uploads, cloud, and the result."""
         samples = len(x)
-        extra = drift_extra(logits)
+        extra: dict[str, float] = {}
         if not adapt:
             return StepResult(logits, state, StepInfo(False, samples, 0, extra=extra))
 

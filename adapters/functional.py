@@ -10,7 +10,7 @@ forward through :func:`torch.func.functional_call`, gradients are taken with
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -60,40 +60,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def entropy_margin(margin: float, num_classes: int) -> float:
     """An entropy threshold given as a fraction of the maximum entropy ln(C), so it transfers across C."""
     return margin * math.log(max(num_classes, 2))
-
-
-@torch.no_grad()
-def drift_extra(logits: torch.Tensor) -> dict[str, float]:
-    """Drift signals of one batch: mean prediction entropy and mean max-probability (confidence)."""
-    if logits.shape[0] == 0:
-        return {}
-    log_p = F.log_softmax(logits.float(), dim=1)
-    p = log_p.exp()
-    # one device-to-host transfer for both (on CUDA each float() would be a sync)
-    entropy_mean, max_prob_mean = torch.stack([-(p * log_p).sum(dim=1).mean(), p.amax(dim=1).mean()]).tolist()
-    return {"entropy_mean": entropy_mean, "max_prob_mean": max_prob_mean}
-
-
-@torch.no_grad()
-def segment_drift_extras(logits: torch.Tensor, lengths: Sequence[int]) -> list[dict[str, float]]:
-    """:func:`drift_extra` of every segment of a fused batch's logits, in one pass and one host copy.
-
-    Per segment it would be a handful of tiny tensor operations times the number of streams in
-    the batch; here the per-sample entropy and confidence are computed once and averaged per
-    segment on the host.
-    """
-    log_p = F.log_softmax(logits.float(), dim=1)
-    p = log_p.exp()
-    rows: list[list[float]] = torch.stack([-(p * log_p).sum(dim=1), p.amax(dim=1)], dim=1).tolist()
-    extras: list[dict[str, float]] = []
-    start = 0
-    for n in lengths:
-        part = rows[start : start + n]
-        start += n
-        extras.append(
-            {"entropy_mean": sum(r[0] for r in part) / n, "max_prob_mean": sum(r[1] for r in part) / n} if n else {}
-        )
-    return extras
 
 
 def norm_affine(model: nn.Module, kinds: frozenset[NormKind] | None = None) -> Tensors:

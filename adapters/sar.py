@@ -51,7 +51,6 @@ from torch import nn
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
 from adapters.functional import (
     Tensors,
-    drift_extra,
     entropy,
     entropy_margin,
     forward,
@@ -190,7 +189,7 @@ class SAR(Adapter[SARConfig]):
         if not adapt:
             with torch.no_grad():
                 logits = forward(model, {**flags, **params}, x)
-            return StepResult(logits, state, StepInfo(False, samples, 0, extra=drift_extra(logits)))
+            return StepResult(logits, state, StepInfo(False, samples, 0))
 
         # pass 1: prediction + reliable samples S1
         live = requiring_grad(params)
@@ -199,7 +198,7 @@ class SAR(Adapter[SARConfig]):
         e0 = entropy_margin(cfg.margin_e0, logits.shape[1])
         ent = entropy(logits)
         s1 = ent.detach() < e0
-        extra = {**drift_extra(prediction), "reliable": float(s1.sum())}
+        extra = {"reliable": float(s1.sum())}
         if not bool(s1.any()):
             return self._unchanged(prediction, state, extra, passes=1)
         grads = grads_of(ent[s1].mean(), live)
@@ -231,12 +230,12 @@ class SAR(Adapter[SARConfig]):
         results: list[StepResult | None] = [None] * len(segments)
         for i, seg in enumerate(segments):
             if not seg.adapt:
-                info = StepInfo(False, len(seg.x), 0, extra=drift_extra(predictions[i]))
+                info = StepInfo(False, len(seg.x), 0)
                 results[i] = StepResult(predictions[i], seg.state, info)
         e0 = entropy_margin(cfg.margin_e0, logits.shape[1])
         ents = segment_losses(entropy(logits), batch.lengths)
         s1 = [e.detach() < e0 for e in ents]
-        extras = [{**drift_extra(p), "reliable": float(m.sum())} for p, m in zip(predictions, s1, strict=True)]
+        extras = [{"reliable": float(m.sum())} for m in s1]
         first: list[int] = []
         for i, seg in enumerate(segments):
             if seg.adapt and bool(s1[i].any()):

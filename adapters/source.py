@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, StreamState
-from adapters.functional import drift_extra, segment_drift_extras
 from adapters.norms import NormKind
 from adapters.registry import register
 from adapters.segments import FusedBatch, fused_or_stepped
@@ -52,15 +51,9 @@ class Source(Adapter[SourceConfig]):
     def _fused(self, model: nn.Module, segments: Sequence[Segment]) -> list[StepResult]:
         batch = FusedBatch.of([seg.x for seg in segments])
         out = model(batch.x)
-        extras = segment_drift_extras(out, batch.lengths)
-        return [
-            self._result(part, seg.state, seg.adapt, extra)
-            for part, seg, extra in zip(batch.split(out), segments, extras, strict=True)
-        ]
+        return [self._result(part, seg.state, seg.adapt) for part, seg in zip(batch.split(out), segments, strict=True)]
 
     @staticmethod
-    def _result(
-        logits: torch.Tensor, state: StreamState, adapt: bool, extra: dict[str, float] | None = None
-    ) -> StepResult:
-        info = StepInfo(adapted=False, samples=len(logits), samples_used=0, extra=extra or drift_extra(logits))
+    def _result(logits: torch.Tensor, state: StreamState, adapt: bool) -> StepResult:
+        info = StepInfo(adapted=False, samples=len(logits), samples_used=0)
         return StepResult(logits, state.with_meta(step=state.meta.step + int(adapt)), info)

@@ -38,7 +38,6 @@ from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, 
 from adapters.functional import (
     Tensors,
     adam_step,
-    drift_extra,
     entropy,
     forward,
     grads_of,
@@ -49,7 +48,6 @@ from adapters.functional import (
     per_layer,
     prefixed,
     requiring_grad,
-    segment_drift_extras,
     sgd_step,
     unprefixed,
     zeros_like_all,
@@ -201,7 +199,7 @@ class Tent(Adapter[TentConfig]):
         if not adapt:
             with torch.no_grad():
                 logits = forward(model, {**flags, **params}, x)
-            info = StepInfo(adapted=False, samples=len(x), samples_used=0, extra=drift_extra(logits))
+            info = StepInfo(adapted=False, samples=len(x), samples_used=0)
             return StepResult(logits, state, info)
 
         opt = self._optimizer(tensors)
@@ -243,18 +241,17 @@ class Tent(Adapter[TentConfig]):
             grads = grads_of(torch.stack([losses[j] for j in rows]).sum(), live)
             self._update_stacked(opt, grads, rows, [members[j] for j in rows])
         lengths = [len(seg.x) for seg in segments]
-        extras = segment_drift_extras(first, lengths)
         logits_of = list(torch.split(first, lengths))
         own = unstacked(self._state_tensors(opt, device), len(segments)) if adapting else []
         results = []
-        for i, (seg, state, extra) in enumerate(zip(segments, states, extras, strict=True)):
+        for i, (seg, state) in enumerate(zip(segments, states, strict=True)):
             logits = logits_of[i].clone()
             if seg.adapt:
-                info = StepInfo(True, len(logits), len(logits), forwards=cfg.steps, backwards=cfg.steps, extra=extra)
+                info = StepInfo(True, len(logits), len(logits), forwards=cfg.steps, backwards=cfg.steps)
                 new_state = StreamState(own[i], state.meta).with_meta(step=state.meta.step + 1)
                 results.append(StepResult(logits, new_state, info))
             else:
-                results.append(StepResult(logits, state, StepInfo(False, len(logits), 0, extra=extra)))
+                results.append(StepResult(logits, state, StepInfo(False, len(logits), 0)))
         return results
 
     def _state_tensors(self, opt: _StackedOptimizer, device: torch.device) -> Tensors:
@@ -330,7 +327,6 @@ class Tent(Adapter[TentConfig]):
             samples_used=len(first),
             forwards=cfg.steps,
             backwards=cfg.steps,
-            extra=drift_extra(first),
         )
         return StepResult(first, StreamState(new, state.meta).with_meta(step=state.meta.step + 1), info)
 

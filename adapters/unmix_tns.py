@@ -47,7 +47,6 @@ from adapters.base import Adapter, MethodConfig, Segment, StepInfo, StepResult, 
 from adapters.functional import (
     Tensors,
     cloned,
-    drift_extra,
     forward,
     kept_on_device,
     on_device,
@@ -384,11 +383,9 @@ class UnMixTNS(Adapter[UnMixTNSConfig]):
         state: StreamState,
         components: Mapping[str, torch.Tensor],
         adapt: bool,
-        extra: dict[str, float] | None = None,
     ) -> StepResult:
         samples = len(logits)
-        used = samples if adapt else 0
-        info = StepInfo(adapted=adapt, samples=samples, samples_used=used, extra=extra or drift_extra(logits))
+        info = StepInfo(adapted=adapt, samples=samples, samples_used=samples if adapt else 0)
         if not adapt:
             return StepResult(logits, state, info)
         return StepResult(logits, StreamState(components, state.meta).with_meta(step=state.meta.step + 1), info)

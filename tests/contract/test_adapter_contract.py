@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -290,8 +291,9 @@ def test_step_info_reports_counts_and_drift(name: str, norm: NormKind) -> None:
         assert 0 <= info.samples_filtered <= info.samples
         assert info.forwards >= 1
         assert info.backwards >= 0
-        assert {"entropy_mean", "max_prob_mean"} <= set(info.extra)
-        assert 0.0 < info.extra["max_prob_mean"] <= 1.0
+        # method figures only: the server scores entropy and confidence per answered row itself
+        assert not {"entropy_mean", "max_prob_mean"} & set(info.extra)
+        assert all(isinstance(v, float) and math.isfinite(v) for v in info.extra.values()), info.extra
     assert state.meta.step == 3
     assert state.meta.method == name
 

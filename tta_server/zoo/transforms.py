@@ -11,6 +11,7 @@ decoder, the docs and the tests agree on what each mode does without decoding an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -100,6 +101,12 @@ def normalize(
     x = images_nchw_uint8.float().div_(255.0)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m = _channel_constant(tuple(mean), x.dtype, x.device)
+    s = _channel_constant(tuple(std), x.dtype, x.device)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1 x C x 1 x 1 tensor of per-channel constants, made once per model, dtype and device (read-only use)."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
