@@ -702,7 +702,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
     for method in report["methods"]:
         for variant in ("fused", "unfused"):
             series.append((f"{method}, fusion {'on' if variant == 'fused' else 'off'}", rate_of(variant, method)))
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    fig, ax = plt.subplots(figsize=(13, 4.8))
     width = 0.8 / len(series)
     colours = plt.get_cmap("tab20")
     for i, (label, value) in enumerate(series):
@@ -718,7 +718,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
         f"{report['date']})",
         fontsize=9,
     )
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
