@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from adapters.base import Adapter, Segment, StepResult
 from adapters.errors import UnsupportedModelError
 from adapters.functional import modules_of_type, unprefixed, var_mean
 from adapters.norms import ChannelLayerNorm, NormKind, norm_layers
+from adapters.segment_norm import SegmentBatchNorm
 from adapters.segments import SEGMENT_BUFFERS, FusedStep, fused_or_stepped, segment_moments
 
 L = TypeVar("L", bound="StreamBatchNorm")
@@ -227,10 +228,36 @@ class BatchStatsNorm(StreamBatchNorm):
         segments = len(self.layout()[1])
         if self.batch_stats is None:
             return self.normalize_segments(x, *self.reference_stats(segments))
+        has_reference = self.running_mean is not None and self.running_var is not None
+        if torch.is_grad_enabled() and has_reference:
+            return self._segment_batch_norm(x, segments)
         var, mean, count = self.segment_batch_stats(x)
-        if self.running_mean is not None and self.running_var is not None:
+        if has_reference:
             mean, var = self.where_small(count, self.reference_stats(segments), (mean, var))
         return self.normalize_segments(x, mean, var)
+
+    def _segment_batch_norm(self, x: torch.Tensor, segments: int) -> torch.Tensor:
+        """The same normalization as one autograd function with its closed-form gradient (adapters/segment_norm.py)."""
+        index, sizes = self.layout()
+        channels = x.shape[1]
+        weight = self.segment_weight if self.segment_weight is not None else self.weight
+        bias = self.segment_bias if self.segment_bias is not None else self.bias
+        weight = x.new_ones(channels) if weight is None else weight
+        bias = x.new_zeros(channels) if bias is None else bias
+        reference_mean, reference_var = self.reference_stats(segments)
+        return cast(
+            torch.Tensor,
+            SegmentBatchNorm.apply(
+                x,
+                weight.expand(segments, channels),
+                bias.expand(segments, channels),
+                index,
+                sizes,
+                reference_mean,
+                reference_var,
+                self.eps,
+            ),
+        )
 
 
 def _register_affine_buffers(module: nn.Module) -> None:
