@@ -43,7 +43,7 @@ from adapters.errors import UnsupportedModelError
 from adapters.functional import modules_of_type, unprefixed, var_mean
 from adapters.norms import ChannelLayerNorm, NormKind, norm_layers
 from adapters.segment_norm import SegmentBatchNorm
-from adapters.segments import SEGMENT_BUFFERS, FusedStep, fused_or_stepped, segment_moments
+from adapters.segments import SEGMENT_BUFFERS, FusedStep, fused_or_stepped, per_sample, segment_moments
 
 L = TypeVar("L", bound="StreamBatchNorm")
 
@@ -165,8 +165,8 @@ class StreamBatchNorm(_BatchNorm):
     def sample_affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Weight and bias per sample (N, C) from the segments' own affine, else the layer's (C,)."""
         index, _ = self.layout()
-        weight = self.segment_weight[index] if self.segment_weight is not None else self.weight
-        bias = self.segment_bias[index] if self.segment_bias is not None else self.bias
+        weight = per_sample(self.segment_weight, index) if self.segment_weight is not None else self.weight
+        bias = per_sample(self.segment_bias, index) if self.segment_bias is not None else self.bias
         return weight, bias
 
     def normalize_samples(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ class StreamBatchNorm(_BatchNorm):
     def normalize_segments(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """Normalize every sample with its segment's statistics (S, C), gathered per sample."""
         index, _ = self.layout()
-        return self.normalize_samples(x, mean[index], var[index])
+        return self.normalize_samples(x, per_sample(mean, index), per_sample(var, index))
 
     def source_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(running_mean, running_var); raises when the source layer tracks no statistics."""

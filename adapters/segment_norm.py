@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapters.segments import segment_moments, segment_sum
+from adapters.segments import per_sample, segment_moments, segment_sum
 
 
 class SegmentBatchNorm(torch.autograd.Function):
@@ -48,7 +48,7 @@ class SegmentBatchNorm(torch.autograd.Function):
         shift = bias - mean * scale
         view = [-1, x.shape[1], *([1] * (x.dim() - 2))]
         ctx.save_for_backward(x, mean, rstd, weight, index, small, count)
-        return torch.addcmul(shift[index].reshape(view), x, scale[index].reshape(view))
+        return torch.addcmul(per_sample(shift, index).reshape(view), x, per_sample(scale, index).reshape(view))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -68,8 +68,8 @@ class SegmentBatchNorm(torch.autograd.Function):
             c = -a * rstd * k2  # ∂x = a·g + c·x + d, the statistics' terms folded per segment and channel
             d = -a * k1 - c * mean
             view = [-1, x.shape[1], *([1] * (x.dim() - 2))]
-            grad_x = torch.addcmul(d[index].reshape(view), x, c[index].reshape(view))
-            grad_x.addcmul_(grad, a[index].reshape(view))
+            grad_x = torch.addcmul(per_sample(d, index).reshape(view), x, per_sample(c, index).reshape(view))
+            grad_x.addcmul_(grad, per_sample(a, index).reshape(view))
         return (
             grad_x,
             grad_weight if ctx.needs_input_grad[1] else None,

@@ -82,8 +82,19 @@ class FusedBatch:
 
 
 def segment_sum(values: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
-    """Row sums per segment: (N, ...) -> (S, ...); rows of different segments never meet."""
+    """Row sums per segment: (N, ...) -> (S, ...); rows of different segments never meet.
+
+    With as many rows as segments every segment holds one row (segments are never empty and come
+    in call order, so the index is ``0..S-1``): the sums are the rows themselves, no copy made.
+    """
+    if values.shape[0] == count:
+        return values
     return values.new_zeros((count, *values.shape[1:])).index_add(0, index, values)
+
+
+def per_sample(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each sample's row of per-segment ``values`` (S, ...) -> (N, ...); the rows themselves when S = N."""
+    return values if values.shape[0] == index.shape[0] else values[index]
 
 
 def segment_moments(

@@ -56,7 +56,7 @@ from adapters.functional import (
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
 from adapters.norms import NormKind
 from adapters.registry import register
-from adapters.segments import FusedBatch, fused_or_stepped, segment_sum, stacked, unstacked
+from adapters.segments import FusedBatch, fused_or_stepped, per_sample, segment_sum, stacked, unstacked
 
 MEANS = "unmix_means"
 VARS = "unmix_vars"
@@ -262,7 +262,7 @@ class UnMixBatchNorm(StreamBatchNorm):
         """Each sample mixed with its own segment's components (S×K×C), each segment's updated by its own momentum."""
         index, sizes = self.layout()
         instance_var, instance_mean = var_mean(x, self.instance_dims(x))
-        own_means, own_vars = means[index], variances[index]
+        own_means, own_vars = per_sample(means, index), per_sample(variances, index)
         with torch.no_grad():
             p = assignment(instance_mean.detach(), own_means, hyper[0])
         mean, var = mixed_statistics(p, instance_mean, instance_var, own_means, own_vars)
