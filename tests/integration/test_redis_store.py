@@ -14,8 +14,13 @@ import redis
 import torch
 from redis.crc import key_slot
 
-from adapters.base import StateMeta, StreamState
+from adapters.base import Segment, StateMeta, StreamState
+from adapters.norms import NormKind
+from adapters.packed import PackedTensors
+from adapters.registry import create_adapter
+from adapters.segments import stacked
 from adapters.serialize import state_from_bytes
+from tests.contract.test_adapter_contract import batches, tiny_model
 from tta_server.metrics import Metrics
 from tta_server.state.base import (
     StreamKey,
@@ -236,3 +241,29 @@ def test_state_summaries_read_small_fields_and_pending_steps_from_the_cache(make
     blob = reader.client.hget(reader.keys.state(key), "b")
     assert isinstance(blob, bytes) and remote.state_bytes == len(blob) > 0
     assert remote.updated_at == pytest.approx(time.time(), abs=60)
+
+
+@pytest.mark.parametrize("method", ["unmix_tns", "tent"])
+def test_states_a_fused_step_packs_round_trip_and_fuse_again(make_store: StoreFactory, method: str) -> None:
+    """A fused step returns states packed in one buffer per stream (adapters/packed.py); written to
+    Redis and read back by another replica they hold the same tensors, and stack again alike."""
+    adapter = create_adapter(method)
+    model = adapter.prepare(tiny_model(NormKind.BN))
+    xs = batches(3, size=2, seed=5)
+    fused = adapter.step_many(model, [Segment(x, adapter.init_state(model, seed=i)) for i, x in enumerate(xs)])
+    assert all(isinstance(r.state.tensors, PackedTensors) for r in fused)
+    writer, reader = make_store(), make_store(cache_max_streams=0)
+    loaded = []
+    for i, result in enumerate(fused):
+        key = StreamKey("t", f"{method}-{i}")
+        writer.create_stream(record("t", key.stream_id))
+        assert writer.save_state(key, result.state, 0, 2) == 1
+        stored = reader.load_state(key)
+        assert stored is not None and stored.version == 1 and stored.state.meta == result.state.meta
+        assert stored.state.tensors.keys() == result.state.tensors.keys()
+        for name, value in result.state.tensors.items():
+            assert torch.equal(stored.state.tensors[name], value), name
+        loaded.append(stored.state)
+    again = stacked([s.tensors for s in loaded])
+    for name, value in stacked([r.state.tensors for r in fused]).items():
+        assert torch.equal(again[name], value), name
