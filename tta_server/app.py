@@ -242,7 +242,8 @@ def build_services(settings: Settings) -> Services:
         timeout=settings.request_timeout_s,
         on_batch=on_batch,
         group_of=fusion_group if settings.fuse_streams else None,
-        inline_max_images=settings.inline_max_images,
+        # a batch's state reads and writes run where the batch runs: never Redis I/O on the event loop
+        inline_max_images=settings.inline_max_images if store.in_process else 0,
         inline_max_seconds=settings.inline_max_ms / 1000,
     )
     streams = StreamService(hub, store, worker, batcher, drift, metrics)

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
         ge=0,
         le=4096,
         description="a lone batch of at most this many images, with nothing else queued or decoding and the worker "
-        "idle, runs on the event loop instead of the worker thread (saves the thread hand-off); 0 = never",
+        "idle, runs on the event loop instead of the worker thread (saves the thread hand-off); 0 = never; "
+        "only with the in-memory store (a Redis read or write never runs on the event loop)",
     )
     inline_max_ms: float = Field(
         10.0,

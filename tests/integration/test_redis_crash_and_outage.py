@@ -274,3 +274,12 @@ def test_a_hung_redis_opens_the_circuit_and_every_later_call_answers_at_once(
     finally:
         writer.close()
         store.close()
+
+
+def test_batches_never_run_on_the_event_loop_with_a_redis_store(shared_dir: Path, redis_url: str, prefix: str) -> None:
+    """A batch reads and writes its stream's state where it runs: with Redis behind it, always the worker thread."""
+    with_redis = create_app(redis_settings(shared_dir, redis_url, prefix).model_copy(update={"inline_max_images": 8}))
+    in_memory = create_app(redis_settings(shared_dir, "memory://", prefix).model_copy(update={"inline_max_images": 8}))
+    assert with_redis.state.services.streams.batcher.inline_max_images == 0
+    assert in_memory.state.services.streams.batcher.inline_max_images == 8
+    with_redis.state.services.streams.close()
