@@ -119,6 +119,26 @@ def test_fused_rounds_continue_from_fused_states(name: str, norm: NormKind) -> N
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
+def test_one_image_streams_fuse_exactly(name: str, norm: NormKind) -> None:
+    """Many streams of one image each (the service's common shape: as many segments as samples):
+    adapting and dry-run streams alike get what each gets alone, round after round."""
+    adapter, model, _ = build(name, norm)
+    segments = [
+        Segment(batches(1, size=1, seed=600 + i)[0] * (1 + 0.2 * i), warmed_state(adapter, model, seed=i), i % 3 != 2)
+        for i in range(5)
+    ]
+    for round_ in range(2):
+        expected = alone(adapter, model, segments)
+        fused = adapter.step_many(model, segments)
+        for want, got in zip(expected, fused, strict=True):
+            assert_same_result(want, got)
+        segments = [
+            Segment(batches(1, size=1, seed=700 + round_ + i)[0], r.state, s.adapt)
+            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
+        ]
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
 def test_constant_stream_changes_nothing_of_the_others(name: str, norm: NormKind) -> None:
     adapter, model, _ = build(name, norm)
     segments = make_segments(adapter, model)
