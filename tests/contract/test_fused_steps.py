@@ -74,6 +74,24 @@ def alone(adapter: Adapter[Any], model: nn.Module, segments: list[Segment]) -> l
     return [adapter.step(model, seg.x, seg.state, adapt=seg.adapt) for seg in segments]
 
 
+def assert_rounds_match_alone(
+    adapter: Adapter[Any], model: nn.Module, segments: list[Segment], rounds: int, seed: int
+) -> None:
+    """``rounds`` fused calls in a row, each giving every stream what it gets alone; every round after
+    the first continues from the fused round's states with new images of the same sizes and device."""
+    for round_ in range(rounds):
+        expected = alone(adapter, model, segments)
+        fused = adapter.step_many(model, segments)
+        assert len(fused) == len(segments)
+        for seg, want, got in zip(segments, expected, fused, strict=True):
+            assert got.logits.device == seg.x.device
+            assert_same_result(want, got)
+        segments = [
+            Segment(batches(1, size=s.x.shape[0], seed=seed + round_ + i)[0].to(s.x.device), r.state, s.adapt)
+            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
+        ]
+
+
 @contextmanager
 def counted_forwards(model: nn.Module) -> Iterator[list[int]]:
     """Counts calls of the model's top-level forward (test-only hook, removed afterwards)."""
@@ -88,17 +106,7 @@ def counted_forwards(model: nn.Module) -> Iterator[list[int]]:
 @pytest.mark.parametrize(("name", "norm"), CASES)
 def test_step_many_matches_each_stream_alone(name: str, norm: NormKind) -> None:
     adapter, model, _ = build(name, norm)
-    segments = make_segments(adapter, model)
-    for round_ in range(2):  # the second round continues from the fused round's states
-        expected = alone(adapter, model, segments)
-        fused = adapter.step_many(model, segments)
-        assert len(fused) == len(segments)
-        for want, got in zip(expected, fused, strict=True):
-            assert_same_result(want, got)
-        segments = [
-            Segment(batches(1, size=s.x.shape[0], seed=300 + round_ + i)[0], r.state, s.adapt)
-            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
-        ]
+    assert_rounds_match_alone(adapter, model, make_segments(adapter, model), rounds=2, seed=300)
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
@@ -107,15 +115,7 @@ def test_fused_rounds_continue_from_fused_states(name: str, norm: NormKind) -> N
     one buffer where the method packs them) feed the next fused step exactly like plain states."""
     adapter, model, _ = build(name, norm)
     segments = [Segment(s.x, s.state, True) for s in make_segments(adapter, model)]
-    for round_ in range(3):
-        expected = alone(adapter, model, segments)
-        fused = adapter.step_many(model, segments)
-        for want, got in zip(expected, fused, strict=True):
-            assert_same_result(want, got)
-        segments = [
-            Segment(batches(1, size=s.x.shape[0], seed=400 + round_ + i)[0], r.state, True)
-            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
-        ]
+    assert_rounds_match_alone(adapter, model, segments, rounds=3, seed=400)
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
@@ -127,15 +127,7 @@ def test_one_image_streams_fuse_exactly(name: str, norm: NormKind) -> None:
         Segment(batches(1, size=1, seed=600 + i)[0] * (1 + 0.2 * i), warmed_state(adapter, model, seed=i), i % 3 != 2)
         for i in range(5)
     ]
-    for round_ in range(2):
-        expected = alone(adapter, model, segments)
-        fused = adapter.step_many(model, segments)
-        for want, got in zip(expected, fused, strict=True):
-            assert_same_result(want, got)
-        segments = [
-            Segment(batches(1, size=1, seed=700 + round_ + i)[0], r.state, s.adapt)
-            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
-        ]
+    assert_rounds_match_alone(adapter, model, segments, rounds=2, seed=700)
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
@@ -265,12 +257,6 @@ def test_step_many_on_cuda_matches_each_stream_alone(name: str, norm: NormKind) 
     if aux:
         adapter.bind_auxiliary(aux)
     segments = make_segments(adapter, model, device="cuda")
-    for round_ in range(2):  # the second round from the fused states (packed where the method packs them)
-        fused = adapter.step_many(model, segments)
-        for want, got in zip(alone(adapter, model, segments), fused, strict=True):
-            assert got.logits.is_cuda
-            assert_same_result(want, got)
-        segments = [
-            Segment(batches(1, size=s.x.shape[0], seed=500 + round_ + i)[0].cuda(), r.state, s.adapt)
-            for i, (s, r) in enumerate(zip(segments, fused, strict=True))
-        ]
+    assert all(seg.x.is_cuda for seg in segments)
+    # the second round continues from the fused states (packed where the method packs them)
+    assert_rounds_match_alone(adapter, model, segments, rounds=2, seed=500)
