@@ -145,9 +145,13 @@ class _StackedOptimizer:
         steps = [int(v) for v in tensors[OPT_STEP].tolist()] if OPT_STEP in tensors else [0] * count
         return cls(unprefixed(PARAM, tensors), unprefixed(MOMENT1, tensors), unprefixed(MOMENT2, tensors), steps)
 
+    def every_stream(self, streams: Sequence[int]) -> bool:
+        """Whether ``streams`` are all the call's streams in order (their rows need no gathering)."""
+        return list(streams) == list(range(len(self.steps)))
+
     def params_of(self, streams: Sequence[int]) -> Tensors:
         """The parameters of ``streams`` in that order (the stacked tensors themselves for all streams)."""
-        return self.params if list(streams) == list(range(len(self.steps))) else _take(self.params, streams)
+        return _take(self.params, streams, self.every_stream(streams))
 
 
 def _take(tensors: Tensors, rows: Sequence[int], whole: bool = False) -> Tensors:
@@ -226,26 +230,23 @@ class Tent(Adapter[TentConfig]):
         opt = _StackedOptimizer.of(stacked([kept_on_device(state.tensors, device) for state in states]))
         flags = batch_stats_flags(model)
         adapting = [i for i, seg in enumerate(segments) if seg.adapt]
-        first = torch.empty(0)
+        first: list[torch.Tensor] = []
         for k in range(cfg.steps):
             members = list(range(len(segments))) if k == 0 else adapting
             batch = FusedBatch.of([segments[i].x for i in members])
             with torch.set_grad_enabled(bool(adapting)):
                 logits, live = stacked_affine_forward(model, batch, opt.params_of(members), flags)
             if k == 0:
-                first = logits.detach()
+                first = batch.split(logits.detach())
             rows = [j for j, i in enumerate(members) if segments[i].adapt]
             if not rows:
                 break
             losses = [part.mean() for part in segment_losses(entropy(logits), batch.lengths)]
             grads = grads_of(torch.stack([losses[j] for j in rows]).sum(), live)
             self._update_stacked(opt, grads, rows, [members[j] for j in rows])
-        lengths = [len(seg.x) for seg in segments]
-        logits_of = list(torch.split(first, lengths))
         own = unstacked(self._state_tensors(opt, device), len(segments)) if adapting else []
         results = []
-        for i, (seg, state) in enumerate(zip(segments, states, strict=True)):
-            logits = logits_of[i].clone()
+        for i, (seg, state, logits) in enumerate(zip(segments, states, first, strict=True)):
             if seg.adapt:
                 info = StepInfo(True, len(logits), len(logits), forwards=cfg.steps, backwards=cfg.steps)
                 new_state = StreamState(own[i], state.meta).with_meta(step=state.meta.step + 1)
@@ -282,7 +283,7 @@ class Tent(Adapter[TentConfig]):
             groups.setdefault(opt.steps[stream], []).append(j)
         for step, members in groups.items():
             picked = [streams[j] for j in members]
-            whole = picked == list(range(len(opt.steps)))  # every stream, in order: no gathering
+            whole = opt.every_stream(picked)
             g = grads if whole and list(rows) == picked else _take(grads, [rows[j] for j in members])
             params, m1 = _take(opt.params, picked, whole), _take(opt.m1, picked, whole)
             if cfg.optimizer == "adam":
