@@ -249,9 +249,6 @@ class Batcher(Generic[R]):
         self._worker_work = [f for f in self._worker_work if not f.done()]
         return len(self._worker_work)
 
-    def _worker_idle(self) -> bool:
-        return self.worker_pending == 0
-
     def _runs_inline(self, segments: list[list[PendingRequest[R]]], images: int) -> bool:
         """A lone small batch with nothing queued, nothing decoding and an idle worker (see the module doc)."""
         return (
@@ -260,7 +257,7 @@ class Batcher(Generic[R]):
             and self._small_batch_seconds <= self.inline_max_seconds
             and not self._ready
             and self._reserved == 0
-            and self._worker_idle()
+            and self.worker_pending == 0
         )
 
     # -- requests -------------------------------------------------------------------------
