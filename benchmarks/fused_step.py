@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from adapters import Adapter, Segment, create_adapter
+from tta_server.allocator import keep_freed_memory
 
 DEFAULT_METHODS = ("source", "bn", "alpha_bn", "unmix_tns", "tent")
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the server's allocator setting
     torch.manual_seed(0)
     label, model = load_model(args.models_dir)
     images = torch.randn(args.segments, 3, 32, 32)

@@ -57,6 +57,7 @@ import torch
 from adapters import Segment, create_adapter
 from benchmarks.loadgen import Connection, encode_post
 from tests.support.processes import free_port
+from tta_server.allocator import keep_freed_memory
 from tta_server.zoo.catalogue import build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # the servers' allocator setting: the raw forward is measured under the same one
     loaded = build_catalogue(args.models_dir).load(args.model, args.device)
     model, spec = loaded.model.eval(), loaded.spec
     rng = np.random.default_rng(0)
@@ -618,7 +620,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['seconds_per_cell']:g} s per cell; figures are the median (min-max) over rounds; latency "
         "percentiles pool every round's requests. Load generator: asyncio, pre-encoded requests on one "
         "keep-alive connection per client (`benchmarks/loadgen.py`), in the benchmark process "
-        "on the same machine (it competes with the server for the CPU).",
+        "on the same machine (it competes with the server for the CPU). Every server and this process (so the raw "
+        "forward too) keep freed memory for reuse (`TTA_KEEP_FREED_MEMORY`, on by default: glibc's mmap threshold "
+        "32 MiB, trim threshold 1 GiB; `tta_server/allocator.py`); tta-server runs its defaults otherwise "
+        "(`gather_quiet_ms` 1).",
         "",
         "Raw forward, one thread (`model(x)` under `torch.inference_mode`): "
         + "; ".join(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request, Response
 
+from tta_server.allocator import keep_freed_memory
 from tta_server.zoo.catalogue import build_catalogue
 from tta_server.zoo.transforms import normalize, to_tensor_batch
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the same allocator setting as tta-server: a like-for-like baseline
     import uvicorn
 
     app = create_plain_app(args.model, args.models_dir, args.device)

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.errors import AdapterError
+from tta_server.allocator import keep_freed_memory
 from tta_server.api import docs_routes, health, methods_routes, models_routes, predict, streams, v2
 from tta_server.api.deps import Services, StartupStatus, require_key
 from tta_server.api.fast_predict import FastPredict
@@ -245,6 +246,7 @@ def build_services(settings: Settings) -> Services:
         # a batch's state reads and writes run where the batch runs: never Redis I/O on the event loop
         inline_max_images=settings.inline_max_images if store.in_process else 0,
         inline_max_seconds=settings.inline_max_ms / 1000,
+        gather_quiet=settings.gather_quiet_ms / 1000,
     )
     streams = StreamService(hub, store, worker, batcher, drift, metrics)
     metrics.track_gauge(metrics.queue_depth, lambda: batcher.depth)
@@ -281,6 +283,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI app for ``settings`` (nothing is built at import time)."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     services = build_services(settings)
 
     @asynccontextmanager

@@ -48,7 +48,18 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="images per adaptation batch")
     max_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="wait for more images while requests that could join are being decoded"
+        5.0,
+        ge=0,
+        le=10_000,
+        description="the longest the worker waits for more images once it could start a batch (only while more "
+        "are on their way: see gather_quiet_ms)",
+    )
+    gather_quiet_ms: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        description="after a batch of N images, while fewer than N are queued and requests keep arriving at most "
+        "this far apart, the worker waits for them (at most max_delay_ms); 0 = wait only for requests being decoded",
     )
     fuse_streams: bool = Field(
         True, description="run batches of different streams of one model, method and config in one forward pass"
@@ -107,6 +118,11 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(
         None, ge=1, le=512, description="torch CPU threads of the model worker (default: torch's choice, all cores)"
+    )
+    keep_freed_memory: bool = Field(
+        True,
+        description="glibc: keep freed tensor memory for reuse instead of returning it to the OS after every "
+        "batch (fewer page faults, ~20% faster CPU forward; the process keeps its peak heap)",
     )
     api_keys: dict[str, str] = Field(
         default_factory=dict,

@@ -378,3 +378,73 @@ def test_inline_is_off_by_default_and_with_zero() -> None:
         assert threading.current_thread().name not in threads and len(threads) == 2
 
     _run(main)
+
+
+def _count_streams(calls: list[list[str]]) -> RunJobs[int]:
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        calls.append(sorted(j.record.key.stream_id for j in jobs))
+        return JobResults([len(j.images) for j in jobs])
+
+    return run_jobs
+
+
+def test_streams_coming_back_one_by_one_after_a_batch_share_the_next_one() -> None:
+    """Clients that each wait for their answer return a little apart: the worker waits while they keep
+    arriving (``gather_quiet`` apart) instead of starting a small batch with the first one back."""
+    calls: list[list[str]] = []
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(
+            _count_streams(calls), max_batch=8, max_delay=30.0, group_of=_group, gather_quiet=10.0
+        )
+        await batcher.start()
+        one = np.zeros((1, 1, 1, 3), np.uint8)
+        await asyncio.gather(*(batcher.submit(_record(n), one, True) for n in "abcd"))
+        back = []
+        for n in "abcd":
+            back.append(asyncio.create_task(batcher.submit(_record(n), one, True)))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*back)
+        await batcher.stop()
+        assert calls == [["a", "b", "c", "d"], ["a", "b", "c", "d"]]
+
+    _run(main)
+
+
+def test_without_more_arrivals_a_lone_request_after_a_batch_waits_only_the_quiet_gap() -> None:
+    calls: list[list[str]] = []
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(
+            _count_streams(calls), max_batch=8, max_delay=60.0, group_of=_group, gather_quiet=0.05
+        )
+        await batcher.start()
+        one = np.zeros((1, 1, 1, 3), np.uint8)
+        await asyncio.gather(*(batcher.submit(_record(n), one, True) for n in "abcd"))
+        started = time.monotonic()
+        await batcher.submit(_record("a"), one, True)
+        waited = time.monotonic() - started
+        await batcher.stop()
+        assert calls == [["a", "b", "c", "d"], ["a"]]
+        assert waited < 30  # the quiet gap (50 ms), not max_delay (60 s)
+
+    _run(main)
+
+
+def test_one_client_sending_one_image_at_a_time_never_waits_for_the_quiet_gap() -> None:
+    calls: list[list[str]] = []
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(
+            _count_streams(calls), max_batch=8, max_delay=60.0, group_of=_group, gather_quiet=60.0
+        )
+        await batcher.start()
+        started = time.monotonic()
+        for _ in range(3):
+            await batcher.submit(_record("s"), np.zeros((1, 1, 1, 3), np.uint8), True)
+        waited = time.monotonic() - started
+        await batcher.stop()
+        assert calls == [["s"]] * 3
+        assert waited < 30  # as many images queued as the previous batch had: nothing more to wait for
+
+    _run(main)

