@@ -139,7 +139,7 @@ class AdaB2NBatchNorm(StreamBatchNorm):
             eta, use_updated = hyper[:, :1], hyper[:, 1:]
             new_mean = run_mean + eta * (mean_b - run_mean)
             new_var = (1 - eta) * run_var + eta * var_b
-            new_mean, new_var = self.where_small(count, (run_mean, run_var), (new_mean, new_var))
+            new_mean, new_var = self.where_small(x, count, (run_mean, run_var), (new_mean, new_var))
             mean = use_updated * new_mean + (1 - use_updated) * run_mean
             var = use_updated * new_var + (1 - use_updated) * run_var
             if self.segment_mean is not None and self.segment_var is not None:

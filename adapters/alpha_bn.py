@@ -92,7 +92,7 @@ class AlphaBatchNorm(StreamBatchNorm):
             var = var * (1 + self.unbiased * (factor - 1))[:, None]
         mean, var = mix_statistics(source_mean, source_var, mean, var, source_weight)
         segments = len(count)
-        mean, var = self.where_small(count, self.reference_stats(segments), (mean, var))
+        mean, var = self.where_small(x, count, self.reference_stats(segments), (mean, var))
         return self.normalize_segments(x, mean, var)
 
 

@@ -30,6 +30,7 @@ layers are per-sample already; gradient methods swap them for :class:`StreamGrou
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -156,9 +157,18 @@ class StreamBatchNorm(_BatchNorm):
 
     @staticmethod
     def where_small(
-        count: torch.Tensor, fallback: tuple[torch.Tensor, torch.Tensor], stats: tuple[torch.Tensor, torch.Tensor]
+        x: torch.Tensor,
+        count: torch.Tensor,
+        fallback: tuple[torch.Tensor, torch.Tensor],
+        stats: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fallback`` for segments with fewer than two values per channel (a lone call uses the source there)."""
+        """``fallback`` for segments with fewer than two values per channel (a lone call uses the source there).
+
+        Segments are never empty, so with two or more spatial values every segment has enough and
+        ``stats`` come back untouched (no per-layer ``where`` over the segments of a conv layer).
+        """
+        if x.dim() > 2 and math.prod(x.shape[2:]) >= 2:
+            return stats
         small = (count < 2)[:, None]
         return torch.where(small, fallback[0], stats[0]), torch.where(small, fallback[1], stats[1])
 
@@ -233,7 +243,7 @@ class BatchStatsNorm(StreamBatchNorm):
             return self._segment_batch_norm(x, segments)
         var, mean, count = self.segment_batch_stats(x)
         if has_reference:
-            mean, var = self.where_small(count, self.reference_stats(segments), (mean, var))
+            mean, var = self.where_small(x, count, self.reference_stats(segments), (mean, var))
         return self.normalize_segments(x, mean, var)
 
     def _segment_batch_norm(self, x: torch.Tensor, segments: int) -> torch.Tensor:

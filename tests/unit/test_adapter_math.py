@@ -436,11 +436,13 @@ def test_segment_sums_keep_a_broken_segment_to_itself() -> None:
     assert torch.isnan(sums[1, 0])
 
 
-def test_unmix_segment_update_and_mix_equal_one_stream_at_a_time() -> None:
+@pytest.mark.parametrize("lengths", [(2, 1, 3), (1, 1, 1, 1)])
+def test_unmix_segment_update_and_mix_equal_one_stream_at_a_time(lengths: tuple[int, ...]) -> None:
+    """Segments of several samples, and one sample per segment (the per-stream ``lerp`` update)."""
     from adapters.unmix_tns import update_segment_components
 
     gen = torch.Generator().manual_seed(1)
-    k, c, lengths = 3, 4, (2, 1, 3)
+    k, c = 3, 4
     means = torch.randn(len(lengths), k, c, generator=gen)
     variances = torch.rand(len(lengths), k, c, generator=gen) + 0.5
     inst_mean = torch.randn(sum(lengths), c, generator=gen)
