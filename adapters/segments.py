@@ -27,6 +27,7 @@ from torch import nn
 
 from adapters.base import Adapter, Segment, StepResult
 from adapters.functional import Tensors, qualified
+from adapters.moments import sample_moments
 from adapters.packed import PackedTensors, packable, same_layout, stack_packed, unstack_packed
 
 SEGMENT_INDEX = "segment_index"
@@ -105,9 +106,7 @@ def segment_moments(
     The same first-two-moments arithmetic as :func:`adapters.functional.var_mean` over a
     segment's samples and spatial dimensions, so a fused batch normalizes like a lone one.
     """
-    dims = list(range(2, x.dim()))
-    first = x.sum(dims) if dims else x
-    second = (x * x).sum(dims) if dims else x * x
+    first, second = sample_moments(x)
     spatial = x[0, 0].numel() if x.shape[0] else 1
     count = sizes.to(x.dtype) * spatial
     denom = count.clamp_min(1.0)[:, None]

@@ -51,9 +51,9 @@ from adapters.functional import (
     kept_on_device,
     on_device,
     qualified,
-    var_mean,
 )
 from adapters.layers import StreamBatchNorm, check_source_statistics, prepared_layers, swap_batchnorms
+from adapters.moments import instance_var_mean
 from adapters.norms import NormKind
 from adapters.registry import register
 from adapters.segments import FusedBatch, fused_or_stepped, per_sample, segment_sum, stacked, unstacked
@@ -269,7 +269,7 @@ class UnMixBatchNorm(StreamBatchNorm):
             return self.source_forward(input)
         if self.segment_index is not None:
             return self.segmented_forward(input, means, variances, hyper)
-        instance_var, instance_mean = var_mean(input, dims)
+        instance_var, instance_mean = instance_var_mean(input)
         with torch.no_grad():
             p = assignment(instance_mean.detach(), means, hyper[0])
         mean, var = mixed_statistics(p, instance_mean, instance_var, means, variances)
@@ -287,7 +287,7 @@ class UnMixBatchNorm(StreamBatchNorm):
     ) -> torch.Tensor:
         """Each sample mixed with its own segment's components (S×K×C), each segment's updated by its own momentum."""
         index, sizes = self.layout()
-        instance_var, instance_mean = var_mean(x, self.instance_dims(x))
+        instance_var, instance_mean = instance_var_mean(x)
         own_means, own_vars = per_sample(means, index), per_sample(variances, index)
         with torch.no_grad():
             p = assignment(instance_mean.detach(), own_means, hyper[0])

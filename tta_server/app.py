@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.errors import AdapterError
+from adapters.moments import warm_up as warm_up_moments
 from tta_server.allocator import keep_freed_memory
 from tta_server.api import docs_routes, health, methods_routes, models_routes, predict, streams, v2
 from tta_server.api.deps import Services, StartupStatus, require_key
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 
 def _preload(services: Services) -> None:
+    # the fused BN statistics kernel is compiled (or read from numba's cache) before /readyz says ready
+    if services.hub.device == "cpu" and not warm_up_moments():
+        log.info("numba not available: fused BN statistics use torch operations")
     for name in services.settings.preload_models:
         try:
             services.hub.get(name)
