@@ -136,9 +136,7 @@ def assignment(instance_mean: torch.Tensor, means: torch.Tensor, temperature: to
 
 
 def _mix(weights: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_bk·c_k: B×K @ K×C, or per sample B×K with B×K×C (each sample's own components)."""
-    if components.dim() == 3:
-        return torch.bmm(weights[:, None, :], components)[:, 0]
+    """Σ_k w_bk·c_k for one stream's components: B×K @ K×C."""
     return weights @ components
 
 
@@ -153,9 +151,10 @@ def mixed_statistics(
 
     ``means``/``variances`` are K×C, or B×K×C with each sample's own stream's components.
     With m_bk = (1 − p_bk)·μ_k + p_bk·μ̃_b and v_bk = (1 − p_bk)·σ²_k + p_bk·σ̃²_b:
-    mean_b = (1/K)·Σ_k m_bk and var_b = (1/K)·Σ_k v_bk + (1/K)·Σ_k m_bk² − mean_b². Each sum over
-    k is expanded into B×K @ K×C products, so no B×K×C tensor is ever built (the direct form
-    cost more than the convolutions of a small CIFAR ResNet).
+    mean_b = (1/K)·Σ_k m_bk and var_b = (1/K)·Σ_k v_bk + (1/K)·Σ_k m_bk² − mean_b². With one
+    stream's K×C components each sum over k is expanded into B×K @ K×C products, so no B×K×C
+    tensor is built (broadcasting the components to B×K×C cost more than the convolutions of a
+    small CIFAR ResNet); per-sample components are B×K×C already (:func:`_mixed_per_sample`).
     """
     if means.dim() == 3:
         return _mixed_per_sample(p, instance_mean, instance_var, means, variances)
