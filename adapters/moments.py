@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,52 +27,71 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _compile() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """The two kernels (channels-last rows, channel rows), or None when numba is unavailable."""
+def _channels_last(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    """out[0, n, c] = Σ_i x[n, i, c], out[1, n, c] = Σ_i x[n, i, c]² (x: N × positions × C)."""
+    samples, positions, channels = x.shape
+    for n in range(samples):
+        s1 = np.zeros(channels, np.float64)
+        s2 = np.zeros(channels, np.float64)
+        for i in range(positions):
+            for c in range(channels):
+                v = x[n, i, c]
+                s1[c] += v
+                s2[c] += v * v
+        out[0, n, :] = s1
+        out[1, n, :] = s2
+
+
+def _channel_rows(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    """out[0, r] = Σ_i x[r, i], out[1, r] = Σ_i x[r, i]² (x: rows × positions)."""
+    rows, positions = x.shape
+    for r in range(rows):
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(positions):
+            v = x[r, i]
+            s1 += v
+            s2 += v * v
+        out[0, r] = s1
+        out[1, r] = s2
+
+
+def _compile() -> Kernels | None:
+    """The two kernels (channels-last rows, channel rows), or None when numba is unavailable.
+
+    Cached on disk by numba (next to this module, or in the user's cache directory when that is
+    read-only; ``NUMBA_CACHE_DIR`` chooses another); where no cache can be written they are
+    compiled in memory, once per process (about 3 s).
+    """
     try:
         import numba
     except ImportError:  # optional at run time: the torch operations serve every case
         return None
-
-    @numba.njit(nogil=True, cache=True)
-    def channels_last(x: Any, out: Any) -> None:  # pragma: no cover - compiled
-        samples, positions, channels = x.shape
-        for n in range(samples):
-            s1 = np.zeros(channels, np.float64)
-            s2 = np.zeros(channels, np.float64)
-            for i in range(positions):
-                for c in range(channels):
-                    v = x[n, i, c]
-                    s1[c] += v
-                    s2[c] += v * v
-            out[0, n, :] = s1
-            out[1, n, :] = s2
-
-    @numba.njit(nogil=True, cache=True)
-    def channel_rows(x: Any, out: Any) -> None:  # pragma: no cover - compiled
-        rows, positions = x.shape
-        for r in range(rows):
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(positions):
-                v = x[r, i]
-                s1 += v
-                s2 += v * v
-            out[0, r] = s1
-            out[1, r] = s2
-
-    return channels_last, channel_rows
+    try:
+        return numba.njit(nogil=True, cache=True)(_channels_last), numba.njit(nogil=True, cache=True)(_channel_rows)
+    except Exception as exc:  # no writable cache location: compile without one
+        log.info("numba cannot cache the statistics kernel (%s); compiling it in memory", exc)
+        return numba.njit(nogil=True)(_channels_last), numba.njit(nogil=True)(_channel_rows)
 
 
-_KERNELS: tuple[Callable[..., None], Callable[..., None]] | None = None
-_LOADED = False
+Kernels = tuple[Callable[..., None], Callable[..., None]]
 
 
-def _kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    global _KERNELS, _LOADED
-    if not _LOADED:
-        _KERNELS, _LOADED = _compile(), True
-    return _KERNELS
+@dataclass
+class KernelSlot:
+    """The process's kernels: compiled on first use; None once found unavailable or broken."""
+
+    kernels: Kernels | None = None
+    loaded: bool = False
+
+
+_SLOT = KernelSlot()
+
+
+def _kernels() -> Kernels | None:
+    if not _SLOT.loaded:
+        _SLOT.kernels, _SLOT.loaded = _compile(), True
+    return _SLOT.kernels
 
 
 def kernel_available() -> bool:
@@ -103,11 +123,20 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.sum(dims), (x * x).sum(dims)
     samples, channels = x.shape[:2]
     out = torch.empty((2, samples, channels))  # float32, written once per value from float64 sums
-    if x.is_contiguous():
-        kernels[1](x.detach().numpy().reshape(samples * channels, -1), out.numpy().reshape(2, -1))
-    else:
-        kernels[0](x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels), out.numpy())
+    try:
+        if x.is_contiguous():
+            kernels[1](x.detach().numpy().reshape(samples * channels, -1), out.numpy().reshape(2, -1))
+        else:
+            kernels[0](x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels), out.numpy())
+    except Exception as exc:  # a kernel that cannot compile here must not fail a batch: torch from now on
+        _disable(exc)
+        return x.sum(dims), (x * x).sum(dims)
     return out[0], out[1]
+
+
+def _disable(exc: Exception) -> None:
+    log.warning("the one-pass statistics kernel failed (%s); fused BN statistics use torch operations", exc)
+    _SLOT.kernels = None
 
 
 def instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,11 +84,41 @@ def test_without_spatial_dimensions_the_values_are_their_own_sums() -> None:
 
 
 def test_without_numba_the_torch_operations_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(moments, "_KERNELS", None)
-    monkeypatch.setattr(moments, "_LOADED", True)
+    monkeypatch.setattr(moments, "_SLOT", moments.KernelSlot(None, loaded=True))
     assert not kernel_available()
     x = _inputs()["channels_last"]
     first, second = sample_moments(x)
     want_first, want_second = _reference(x)
     torch.testing.assert_close(first.double(), want_first, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(second.double(), want_second, rtol=1e-5, atol=1e-4)
+
+
+def test_a_failing_kernel_falls_back_to_torch_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("cannot compile here")
+
+    monkeypatch.setattr(moments, "_SLOT", moments.KernelSlot((broken, broken), loaded=True))
+    x = _inputs()["channels_last"]
+    first, second = sample_moments(x)
+    want_first, want_second = _reference(x)
+    torch.testing.assert_close(first.double(), want_first, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(second.double(), want_second, rtol=1e-5, atol=1e-4)
+    assert not kernel_available()
+
+
+def test_without_a_writable_cache_the_kernels_compile_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    numba = pytest.importorskip("numba")
+    real = numba.njit
+
+    def njit(**options: object) -> object:
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(**options)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    kernels = moments._compile()
+    assert kernels is not None
+    monkeypatch.setattr(moments, "_SLOT", moments.KernelSlot(kernels, loaded=True))
+    x = _inputs()["nchw"]
+    first, _ = sample_moments(x)
+    torch.testing.assert_close(first.double(), _reference(x)[0], rtol=1e-6, atol=1e-5)
