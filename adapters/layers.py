@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from adapters.base import Adapter, Segment, StepResult
 from adapters.errors import UnsupportedModelError
 from adapters.functional import modules_of_type, unprefixed, var_mean
+from adapters.moments import segment_batch_norm
 from adapters.norms import ChannelLayerNorm, NormKind, norm_layers
 from adapters.segment_norm import SegmentBatchNorm
 from adapters.segments import SEGMENT_BUFFERS, FusedStep, fused_or_stepped, per_sample, segment_moments
@@ -241,6 +242,11 @@ class BatchStatsNorm(StreamBatchNorm):
         has_reference = self.running_mean is not None and self.running_var is not None
         if torch.is_grad_enabled() and has_reference:
             return self._segment_batch_norm(x, segments)
+        if not torch.is_grad_enabled() and self.segment_weight is None and self.segment_bias is None:
+            # statistics and output in one kernel call where it serves x (adapters/moments.py)
+            y = segment_batch_norm(x, self.layout()[0], segments, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         var, mean, count = self.segment_batch_stats(x)
         if has_reference:
             mean, var = self.where_small(x, count, self.reference_stats(segments), (mean, var))

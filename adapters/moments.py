@@ -17,9 +17,10 @@ operations, which give the same values to float32 rounding.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +57,79 @@ def _channel_rows(x: Any, out: Any) -> None:  # pragma: no cover - compiled by n
         out[1, r] = s2
 
 
+def _segment_norm_channels_last(
+    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """Batch normalization per segment of x (N × positions × C): statistics pass, then output pass."""
+    samples, positions, channels = x.shape
+    s1 = np.zeros((segments, channels), np.float64)
+    s2 = np.zeros((segments, channels), np.float64)
+    count = np.zeros(segments, np.float64)
+    for n in range(samples):
+        a = np.zeros(channels, np.float64)
+        b = np.zeros(channels, np.float64)
+        for i in range(positions):
+            for c in range(channels):
+                v = x[n, i, c]
+                a[c] += v
+                b[c] += v * v
+        s = index[n]
+        count[s] += positions
+        s1[s, :] += a
+        s2[s, :] += b
+    scale, shift = _affine_of(s1, s2, count, weight, bias, eps)
+    for n in range(samples):
+        s = index[n]
+        for i in range(positions):
+            for c in range(channels):
+                out[n, i, c] = x[n, i, c] * scale[s, c] + shift[s, c]
+
+
+def _segment_norm_rows(
+    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """Batch normalization per segment of x (N × C × positions): statistics pass, then output pass."""
+    samples, channels, positions = x.shape
+    s1 = np.zeros((segments, channels), np.float64)
+    s2 = np.zeros((segments, channels), np.float64)
+    count = np.zeros(segments, np.float64)
+    for n in range(samples):
+        s = index[n]
+        count[s] += positions
+        for c in range(channels):
+            a = 0.0
+            b = 0.0
+            for i in range(positions):
+                v = x[n, c, i]
+                a += v
+                b += v * v
+            s1[s, c] += a
+            s2[s, c] += b
+    scale, shift = _affine_of(s1, s2, count, weight, bias, eps)
+    for n in range(samples):
+        s = index[n]
+        for c in range(channels):
+            k = scale[s, c]
+            d = shift[s, c]
+            for i in range(positions):
+                out[n, c, i] = x[n, c, i] * k + d
+
+
+def _affine_of(s1: Any, s2: Any, count: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any]:  # pragma: no cover
+    """Per segment and channel: scale = w/√(σ² + ε), shift = b − μ·scale (biased σ², as train-mode BN)."""
+    segments, channels = s1.shape
+    scale = np.empty((segments, channels), np.float32)
+    shift = np.empty((segments, channels), np.float32)
+    for s in range(segments):
+        for c in range(channels):
+            mean = s1[s, c] / count[s]
+            var = max(s2[s, c] / count[s] - mean * mean, 0.0)
+            k = weight[c] / np.sqrt(var + eps)
+            scale[s, c] = k
+            shift[s, c] = bias[c] - mean * k
+    return scale, shift
+
+
 def _compile() -> Kernels | None:
     """The two kernels (channels-last rows, channel rows), or None when numba is unavailable.
 
@@ -68,13 +142,40 @@ def _compile() -> Kernels | None:
     except ImportError:  # optional at run time: the torch operations serve every case
         return None
     try:
-        return numba.njit(nogil=True, cache=True)(_channels_last), numba.njit(nogil=True, cache=True)(_channel_rows)
+        return _jitted(numba, cache=True)
     except Exception as exc:  # no writable cache location: compile without one
-        log.info("numba cannot cache the statistics kernel (%s); compiling it in memory", exc)
-        return numba.njit(nogil=True)(_channels_last), numba.njit(nogil=True)(_channel_rows)
+        log.info("numba cannot cache the statistics kernels (%s); compiling them in memory", exc)
+        return _jitted(numba, cache=False)
 
 
-Kernels = tuple[Callable[..., None], Callable[..., None]]
+def _jitted(numba: Any, cache: bool) -> Kernels:
+    jit = numba.njit(nogil=True, cache=cache)
+    affine = jit(_affine_of)
+    norm_globals = {"_affine_of": affine}
+    return Kernels(
+        jit(_channels_last),
+        jit(_channel_rows),
+        jit(_with_globals(_segment_norm_channels_last, norm_globals)),
+        jit(_with_globals(_segment_norm_rows, norm_globals)),
+    )
+
+
+def _with_globals(fn: Callable[..., None], names: dict[str, Any]) -> Callable[..., None]:
+    """``fn`` seeing the jitted helpers under their own names (numba calls only jitted functions)."""
+    scope = {**fn.__globals__, **names}
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__module__ = fn.__module__
+    clone.__qualname__ = fn.__qualname__
+    return clone
+
+
+class Kernels(NamedTuple):
+    """The compiled kernels: per-sample moments and per-segment batch normalization, both layouts."""
+
+    moments_channels_last: Callable[..., None]
+    moments_rows: Callable[..., None]
+    norm_channels_last: Callable[..., None]
+    norm_rows: Callable[..., None]
 
 
 @dataclass
@@ -125,9 +226,11 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty((2, samples, channels))  # float32, written once per value from float64 sums
     try:
         if x.is_contiguous():
-            kernels[1](x.detach().numpy().reshape(samples * channels, -1), out.numpy().reshape(2, -1))
+            kernels.moments_rows(x.detach().numpy().reshape(samples * channels, -1), out.numpy().reshape(2, -1))
         else:
-            kernels[0](x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels), out.numpy())
+            kernels.moments_channels_last(
+                x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels), out.numpy()
+            )
     except Exception as exc:  # a kernel that cannot compile here must not fail a batch: torch from now on
         _disable(exc)
         return x.sum(dims), (x * x).sum(dims)
@@ -137,6 +240,45 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _disable(exc: Exception) -> None:
     log.warning("the one-pass statistics kernel failed (%s); fused BN statistics use torch operations", exc)
     _SLOT.kernels = None
+
+
+def segment_batch_norm(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    segments: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor | None:
+    """Every segment normalized with its own batch statistics (biased variance) and the layer's affine,
+    in two passes over ``x`` (statistics, output) and one call; None where the kernel does not serve
+    (the caller then composes it from torch operations).
+
+    Served: what :func:`sample_moments` serves, with at least two spatial values per channel (so
+    every segment has batch statistics) and a per-channel (not per-segment) affine.
+    """
+    if not _served(x) or x.shape[2] * x.shape[3] < 2:
+        return None
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    samples, channels = x.shape[:2]
+    w = weight.detach().numpy() if weight is not None else np.ones(channels, np.float32)
+    b = bias.detach().numpy() if bias is not None else np.zeros(channels, np.float32)
+    out = torch.empty_like(x)  # the same memory format as x
+    seg = index.numpy()
+    try:
+        if x.is_contiguous():
+            flat = x.detach().numpy().reshape(samples, channels, -1)
+            kernels.norm_rows(flat, seg, segments, w, b, eps, out.numpy().reshape(samples, channels, -1))
+        else:
+            rows = x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels)
+            target = out.permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels)
+            kernels.norm_channels_last(rows, seg, segments, w, b, eps, target)
+    except Exception as exc:  # as in sample_moments: never fail a batch for the kernel
+        _disable(exc)
+        return None
+    return out
 
 
 def instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +293,8 @@ def instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def warm_up() -> bool:
     """Compile (or load from the cache) both kernels now, so that no request pays for it; True when ready."""
     probe = torch.ones(1, 2, 2, 2)
-    sample_moments(probe)
-    sample_moments(probe.contiguous(memory_format=torch.channels_last))
+    index = torch.zeros(1, dtype=torch.int64)
+    for x in (probe, probe.contiguous(memory_format=torch.channels_last)):
+        sample_moments(x)
+        segment_batch_norm(x, index, 1, None, None, 1e-5)
     return kernel_available()

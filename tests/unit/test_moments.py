@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from adapters import moments
-from adapters.moments import instance_var_mean, kernel_available, sample_moments, warm_up
+from adapters.moments import instance_var_mean, kernel_available, sample_moments, segment_batch_norm, warm_up
+from adapters.segments import segment_moments
 
 
 def _reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,7 @@ def test_the_kernel_runs_where_it_serves_and_torch_everywhere_else(monkeypatch: 
     real = moments._kernels()
     assert real is not None
 
-    def counting() -> tuple[object, object]:
+    def counting() -> moments.Kernels:
         calls.append("kernel")
         return real
 
@@ -97,7 +98,9 @@ def test_a_failing_kernel_falls_back_to_torch_for_good(monkeypatch: pytest.Monke
     def broken(*args: object) -> None:
         raise RuntimeError("cannot compile here")
 
-    monkeypatch.setattr(moments, "_SLOT", moments.KernelSlot((broken, broken), loaded=True))
+    monkeypatch.setattr(
+        moments, "_SLOT", moments.KernelSlot(moments.Kernels(broken, broken, broken, broken), loaded=True)
+    )
     x = _inputs()["channels_last"]
     first, second = sample_moments(x)
     want_first, want_second = _reference(x)
@@ -122,3 +125,39 @@ def test_without_a_writable_cache_the_kernels_compile_in_memory(monkeypatch: pyt
     x = _inputs()["nchw"]
     first, _ = sample_moments(x)
     torch.testing.assert_close(first.double(), _reference(x)[0], rtol=1e-6, atol=1e-5)
+
+
+def _composed_segment_norm(
+    x: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    var, mean, _ = segment_moments(x.double(), index, sizes)
+    view = (-1, x.shape[1], 1, 1)
+    scale = torch.rsqrt(var + 1e-5)[index].reshape(view) * weight.double().reshape(1, -1, 1, 1)
+    return (x.double() - mean[index].reshape(view)) * scale + bias.double().reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("lengths", [(2, 1, 2), (1, 1, 1, 1, 1)])
+def test_segment_batch_norm_equals_the_composed_normalization(layout: str, lengths: tuple[int, ...]) -> None:
+    x = _inputs()[layout]
+    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    sizes = torch.tensor(lengths, dtype=torch.float32)
+    weight, bias = torch.rand(6) + 0.5, torch.randn(6)
+    y = segment_batch_norm(x, index, len(lengths), weight, bias, 1e-5)
+    assert y is not None
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    torch.testing.assert_close(y.double(), _composed_segment_norm(x, index, sizes, weight, bias), rtol=1e-5, atol=1e-5)
+    plain = segment_batch_norm(x, index, len(lengths), None, None, 1e-5)
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    assert plain is not None
+    torch.testing.assert_close(
+        plain.double(), _composed_segment_norm(x, index, sizes, ones, zeros), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_segment_batch_norm_leaves_what_it_does_not_serve_to_the_caller() -> None:
+    x = _inputs()["nchw"]
+    index = torch.arange(5)
+    assert segment_batch_norm(x.double(), index, 5, None, None, 1e-5) is None
+    assert segment_batch_norm(x[:, :, :1, :1], index, 5, None, None, 1e-5) is None  # one spatial value
+    assert segment_batch_norm(x.clone().requires_grad_(True), index, 5, None, None, 1e-5) is None
