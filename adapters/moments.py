@@ -28,7 +28,22 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _channels_last(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+def _moments_rows(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    """out[0, n, c] = Σ_i x[n, c, i], out[1, n, c] = Σ_i x[n, c, i]² (x: N × C × positions)."""
+    samples, channels, positions = x.shape
+    for n in range(samples):
+        for c in range(channels):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(positions):
+                v = x[n, c, i]
+                s1 += v
+                s2 += v * v
+            out[0, n, c] = s1
+            out[1, n, c] = s2
+
+
+def _moments_channels_last(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
     """out[0, n, c] = Σ_i x[n, i, c], out[1, n, c] = Σ_i x[n, i, c]² (x: N × positions × C)."""
     samples, positions, channels = x.shape
     for n in range(samples):
@@ -43,81 +58,20 @@ def _channels_last(x: Any, out: Any) -> None:  # pragma: no cover - compiled by 
         out[1, n, :] = s2
 
 
-def _channel_rows(x: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
-    """out[0, r] = Σ_i x[r, i], out[1, r] = Σ_i x[r, i]² (x: rows × positions)."""
-    rows, positions = x.shape
-    for r in range(rows):
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(positions):
-            v = x[r, i]
-            s1 += v
-            s2 += v * v
-        out[0, r] = s1
-        out[1, r] = s2
-
-
-def _segment_norm_channels_last(
-    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
-) -> None:  # pragma: no cover - compiled by numba
-    """Batch normalization per segment of x (N × positions × C): statistics pass, then output pass."""
-    samples, positions, channels = x.shape
+def _segment_affine(
+    sums: Any, index: Any, segments: int, positions: int, weight: Any, bias: Any, eps: float
+) -> tuple[Any, Any]:  # pragma: no cover - compiled by numba
+    """Per segment and channel, from per-sample sums (2 × N × C): scale = w/√(σ² + ε), shift = b − μ·scale
+    (biased σ², as train-mode BN)."""
+    channels = sums.shape[2]
     s1 = np.zeros((segments, channels), np.float64)
     s2 = np.zeros((segments, channels), np.float64)
     count = np.zeros(segments, np.float64)
-    for n in range(samples):
-        a = np.zeros(channels, np.float64)
-        b = np.zeros(channels, np.float64)
-        for i in range(positions):
-            for c in range(channels):
-                v = x[n, i, c]
-                a[c] += v
-                b[c] += v * v
+    for n in range(sums.shape[1]):
         s = index[n]
         count[s] += positions
-        s1[s, :] += a
-        s2[s, :] += b
-    scale, shift = _affine_of(s1, s2, count, weight, bias, eps)
-    for n in range(samples):
-        s = index[n]
-        for i in range(positions):
-            for c in range(channels):
-                out[n, i, c] = x[n, i, c] * scale[s, c] + shift[s, c]
-
-
-def _segment_norm_rows(
-    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
-) -> None:  # pragma: no cover - compiled by numba
-    """Batch normalization per segment of x (N × C × positions): statistics pass, then output pass."""
-    samples, channels, positions = x.shape
-    s1 = np.zeros((segments, channels), np.float64)
-    s2 = np.zeros((segments, channels), np.float64)
-    count = np.zeros(segments, np.float64)
-    for n in range(samples):
-        s = index[n]
-        count[s] += positions
-        for c in range(channels):
-            a = 0.0
-            b = 0.0
-            for i in range(positions):
-                v = x[n, c, i]
-                a += v
-                b += v * v
-            s1[s, c] += a
-            s2[s, c] += b
-    scale, shift = _affine_of(s1, s2, count, weight, bias, eps)
-    for n in range(samples):
-        s = index[n]
-        for c in range(channels):
-            k = scale[s, c]
-            d = shift[s, c]
-            for i in range(positions):
-                out[n, c, i] = x[n, c, i] * k + d
-
-
-def _affine_of(s1: Any, s2: Any, count: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any]:  # pragma: no cover
-    """Per segment and channel: scale = w/√(σ² + ε), shift = b − μ·scale (biased σ², as train-mode BN)."""
-    segments, channels = s1.shape
+        s1[s, :] += sums[0, n, :]
+        s2[s, :] += sums[1, n, :]
     scale = np.empty((segments, channels), np.float32)
     shift = np.empty((segments, channels), np.float32)
     for s in range(segments):
@@ -130,8 +84,40 @@ def _affine_of(s1: Any, s2: Any, count: Any, weight: Any, bias: Any, eps: float)
     return scale, shift
 
 
+def _segment_norm_rows(
+    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """Batch normalization per segment of x (N × C × positions): statistics pass, then output pass."""
+    samples, channels, positions = x.shape
+    sums = np.empty((2, samples, channels), np.float64)
+    _moments_rows(x, sums)
+    scale, shift = _segment_affine(sums, index, segments, positions, weight, bias, eps)
+    for n in range(samples):
+        s = index[n]
+        for c in range(channels):
+            k = scale[s, c]
+            d = shift[s, c]
+            for i in range(positions):
+                out[n, c, i] = x[n, c, i] * k + d
+
+
+def _segment_norm_channels_last(
+    x: Any, index: Any, segments: int, weight: Any, bias: Any, eps: float, out: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """Batch normalization per segment of x (N × positions × C): statistics pass, then output pass."""
+    samples, positions, channels = x.shape
+    sums = np.empty((2, samples, channels), np.float64)
+    _moments_channels_last(x, sums)
+    scale, shift = _segment_affine(sums, index, segments, positions, weight, bias, eps)
+    for n in range(samples):
+        s = index[n]
+        for i in range(positions):
+            for c in range(channels):
+                out[n, i, c] = x[n, i, c] * scale[s, c] + shift[s, c]
+
+
 def _compile() -> Kernels | None:
-    """The two kernels (channels-last rows, channel rows), or None when numba is unavailable.
+    """The kernels, or None when numba is unavailable.
 
     Cached on disk by numba (next to this module, or in the user's cache directory when that is
     read-only; ``NUMBA_CACHE_DIR`` chooses another); where no cache can be written they are
@@ -150,13 +136,17 @@ def _compile() -> Kernels | None:
 
 def _jitted(numba: Any, cache: bool) -> Kernels:
     jit = numba.njit(nogil=True, cache=cache)
-    affine = jit(_affine_of)
-    norm_globals = {"_affine_of": affine}
+    moments_rows, moments_channels_last = jit(_moments_rows), jit(_moments_channels_last)
+    helpers = {
+        "_moments_rows": moments_rows,
+        "_moments_channels_last": moments_channels_last,
+        "_segment_affine": jit(_segment_affine),
+    }
     return Kernels(
-        jit(_channels_last),
-        jit(_channel_rows),
-        jit(_with_globals(_segment_norm_channels_last, norm_globals)),
-        jit(_with_globals(_segment_norm_rows, norm_globals)),
+        moments_rows,
+        moments_channels_last,
+        jit(_with_globals(_segment_norm_rows, helpers)),
+        jit(_with_globals(_segment_norm_channels_last, helpers)),
     )
 
 
@@ -172,10 +162,10 @@ def _with_globals(fn: Callable[..., None], names: dict[str, Any]) -> Callable[..
 class Kernels(NamedTuple):
     """The compiled kernels: per-sample moments and per-segment batch normalization, both layouts."""
 
-    moments_channels_last: Callable[..., None]
     moments_rows: Callable[..., None]
-    norm_channels_last: Callable[..., None]
+    moments_channels_last: Callable[..., None]
     norm_rows: Callable[..., None]
+    norm_channels_last: Callable[..., None]
 
 
 @dataclass
@@ -220,26 +210,12 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not dims:
         return x, x * x
     kernels = _kernels() if _served(x) else None
-    if kernels is None:
-        return x.sum(dims), (x * x).sum(dims)
-    samples, channels = x.shape[:2]
-    out = torch.empty((2, samples, channels))  # float32, written once per value from float64 sums
-    try:
-        if x.is_contiguous():
-            kernels.moments_rows(x.detach().numpy().reshape(samples * channels, -1), out.numpy().reshape(2, -1))
-        else:
-            kernels.moments_channels_last(
-                x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels), out.numpy()
-            )
-    except Exception as exc:  # a kernel that cannot compile here must not fail a batch: torch from now on
-        _disable(exc)
-        return x.sum(dims), (x * x).sum(dims)
-    return out[0], out[1]
-
-
-def _disable(exc: Exception) -> None:
-    log.warning("the one-pass statistics kernel failed (%s); fused BN statistics use torch operations", exc)
-    _SLOT.kernels = None
+    if kernels is not None:
+        out = torch.empty((2, *x.shape[:2]))  # float32, written once per value from float64 sums
+        kernel = kernels.moments_rows if x.is_contiguous() else kernels.moments_channels_last
+        if _ran(kernel, _array(x), out.numpy()):
+            return out[0], out[1]
+    return x.sum(dims), (x * x).sum(dims)
 
 
 def segment_batch_norm(
@@ -257,28 +233,35 @@ def segment_batch_norm(
     Served: what :func:`sample_moments` serves, with at least two spatial values per channel (so
     every segment has batch statistics) and a per-channel (not per-segment) affine.
     """
-    if not _served(x) or x.shape[2] * x.shape[3] < 2:
-        return None
-    kernels = _kernels()
+    kernels = _kernels() if _served(x) and x.shape[2] * x.shape[3] >= 2 else None
     if kernels is None:
         return None
-    samples, channels = x.shape[:2]
+    channels = x.shape[1]
     w = weight.detach().numpy() if weight is not None else np.ones(channels, np.float32)
     b = bias.detach().numpy() if bias is not None else np.zeros(channels, np.float32)
     out = torch.empty_like(x)  # the same memory format as x
-    seg = index.numpy()
+    kernel = kernels.norm_rows if x.is_contiguous() else kernels.norm_channels_last
+    return out if _ran(kernel, _array(x), index.numpy(), segments, w, b, eps, _array(out)) else None
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A served tensor's values as the kernels read them: N × C × positions when NCHW-contiguous,
+    N × positions × C when channels_last (a view, no copy)."""
+    samples, channels = t.shape[:2]
+    if t.is_contiguous():
+        return t.detach().numpy().reshape(samples, channels, -1)
+    return t.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels)
+
+
+def _ran(kernel: Callable[..., None], *args: Any) -> bool:
+    """Run ``kernel``; a kernel that cannot run here must not fail a batch: torch from now on."""
     try:
-        if x.is_contiguous():
-            flat = x.detach().numpy().reshape(samples, channels, -1)
-            kernels.norm_rows(flat, seg, segments, w, b, eps, out.numpy().reshape(samples, channels, -1))
-        else:
-            rows = x.detach().permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels)
-            target = out.permute(0, 2, 3, 1).numpy().reshape(samples, -1, channels)
-            kernels.norm_channels_last(rows, seg, segments, w, b, eps, target)
-    except Exception as exc:  # as in sample_moments: never fail a batch for the kernel
-        _disable(exc)
-        return None
-    return out
+        kernel(*args)
+    except Exception as exc:
+        log.warning("the one-pass statistics kernel failed (%s); fused BN statistics use torch operations", exc)
+        _SLOT.kernels = None
+        return False
+    return True
 
 
 def instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
