@@ -320,7 +320,10 @@ class Batcher(Generic[R]):
         """
         queue = self._pending[lead]
         deadline = max(queue[0].enqueued_at, self._worker_free_at) + self.max_delay
-        while self._available(lead) < self.max_batch and self._more_expected(lead):
+        while True:
+            available = self._available(lead)
+            if available >= self.max_batch or not self._more_expected(available):
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._wake is None:
                 return
@@ -332,11 +335,11 @@ class Batcher(Generic[R]):
                 if self._reserved == 0:
                     return  # quiet for gather_quiet: nothing more is arriving
 
-    def _more_expected(self, lead: StreamKey) -> bool:
+    def _more_expected(self, available: int) -> bool:
         """A joiner is decoding, or the previous batch's streams may still be coming back."""
         if self._reserved > 0:
             return True
-        return self.gather_quiet > 0 and self._available(lead) < self._last_batch_images
+        return self.gather_quiet > 0 and available < self._last_batch_images
 
     def _collect(self, lead: StreamKey) -> list[tuple[StreamKey, list[PendingRequest[R]]]]:
         """The segments of the next batch: the lead stream's, then same-group streams in round-robin order."""
@@ -418,16 +421,16 @@ class Batcher(Generic[R]):
             self._trace_queue_waits(segments)
             outcome = await self._execute(segments, jobs, images)
         except Exception as exc:
-            self._worker_free_at = time.monotonic()
             log.warning("batch of %d images for %d streams failed: %s", images, len(jobs), exc)
             for batch in segments:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
             return
+        finally:
+            self._worker_free_at = time.monotonic()
         elapsed = time.perf_counter() - started
         self._last_batch_images = images
-        self._worker_free_at = time.monotonic()
         self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
         if images <= self.inline_max_images:
             self._small_batch_seconds = 0.8 * self._small_batch_seconds + 0.2 * elapsed
