@@ -328,8 +328,11 @@ def test_a_lone_small_batch_runs_inline_and_anything_else_on_the_worker() -> Non
         await _until(lambda: batcher.worker_pending == 2)  # handed to the busy worker, behind the reset
         release.set()
         await asyncio.gather(blocker, waiting)
-        # two streams queued together fuse and run on the worker
-        await asyncio.gather(batcher.submit(_record("a"), one, True), batcher.submit(_record("b"), one, True))
+        # two streams admitted together (both decoding, then queued) fuse and run on the worker
+        tickets = [batcher.admit(), batcher.admit()]
+        await asyncio.gather(
+            batcher.submit(_record("a"), one, True, tickets[0]), batcher.submit(_record("b"), one, True, tickets[1])
+        )
         await _until(lambda: batcher.worker_pending == 0)
         await batcher.stop()
         by_stream = {stream: (images, thread) for stream, images, thread in threads}
@@ -448,3 +451,44 @@ def test_one_client_sending_one_image_at_a_time_never_waits_for_the_quiet_gap() 
         assert waited < 30  # as many images queued as the previous batch had: nothing more to wait for
 
     _run(main)
+
+
+def _running_task() -> str:
+    """The name of the asyncio task running this code; ``worker`` off the event loop's thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return "worker"
+    return task.get_name() if task is not None else "worker"
+
+
+def test_a_lone_request_runs_in_its_own_task_and_one_that_others_may_join_through_the_loop() -> None:
+    """Nothing queued, decoding or running: the submitting task runs the batch itself (the loop's task is not
+    woken). A request that another request being decoded may join is queued and fused as before."""
+    ran: list[tuple[list[str], str]] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        ran.append(([j.record.key.stream_id for j in jobs], _running_task()))
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=8, max_delay=5.0, group_of=_group, inline_max_images=2)
+        await batcher.start()
+        one = np.zeros((1, 1, 1, 3), np.uint8)
+        assert await batcher.submit(_record("alone"), one, True) == (1, slice(0, 1))
+        decoding = batcher.admit()  # a second request is being decoded: the next one waits for it
+        first = asyncio.create_task(batcher.submit(_record("a"), one, True), name="client-a")
+        await _until(lambda: batcher.depth == 1)
+        assert ran == [(["alone"], "main")]  # "a" was queued, not run
+        assert await batcher.submit(_record("b"), one, True, decoding) == (1, slice(0, 1))
+        assert await first == (1, slice(0, 1))
+        await batcher.stop()
+        assert ran[1] == (["a", "b"], "worker")  # two streams fused, on the worker thread
+
+    async def named() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.set_name("main")
+        await main()
+
+    _run(named)

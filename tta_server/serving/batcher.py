@@ -189,6 +189,7 @@ class Batcher(Generic[R]):
         self._busy_seconds = 0.05
         self._last_batch_images = 0
         self._worker_free_at = 0.0
+        self._running = False  # a batch is between its start and its answers (the loop's ``_run``)
 
     @property
     def depth(self) -> int:
@@ -285,6 +286,8 @@ class Batcher(Generic[R]):
         else:
             ticket.used = True
             self._reserved -= 1
+        if self._runs_now(images):
+            return self._run_now(record, images, adapt)
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
             record, images, adapt, time.monotonic() + self.timeout, loop.create_future(), self._group(record)
@@ -406,6 +409,60 @@ class Batcher(Generic[R]):
         with tracing.span("tta.batch", {"tta.streams": len(jobs), "tta.images": sum(len(j.images) for j in jobs)}):
             return self._run_jobs(jobs)
 
+    def _runs_now(self, images: np.ndarray) -> bool:
+        """The request would be a lone inline batch that starts at once: nothing queued, decoding or running,
+        the worker idle, and no joiner expected (:meth:`_more_expected`)."""
+        size = int(images.shape[0])
+        return (
+            not self._ready
+            and not self._running
+            and size <= self.inline_max_images
+            and self._small_batch_seconds <= self.inline_max_seconds
+            and self._reserved == 0
+            and self.worker_pending == 0
+            and not self._more_expected(size)
+        )
+
+    def _run_now(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
+        """Run a lone request's batch right here, in the submitting request's own task and context.
+
+        The same batch the loop would run inline a moment later (see :meth:`_runs_now`), without
+        queueing it and waking the loop's task: a lone client sending one small request at a time
+        saves two task switches and the queue's bookkeeping per request.
+        """
+        size = int(images.shape[0])
+        now_ns = time.time_ns()
+        tracing.record_span("tta.queue_wait", now_ns, now_ns)  # no wait: traces keep the same spans either way
+        started = time.perf_counter()
+        try:
+            outcome = self._run_traced([Job(record, images, adapt)])
+        except Exception as exc:
+            log.warning("batch of %d images for 1 stream failed: %s", size, exc)
+            raise
+        finally:
+            self._worker_free_at = time.monotonic()
+        self._account(size, 1, 1, time.perf_counter() - started)
+        result = outcome.results[0]
+        self._defer(outcome.after, contextvars.copy_context())
+        if isinstance(result, BaseException):
+            raise result
+        return result, slice(0, size)
+
+    def _account(self, images: int, requests: int, streams: int, elapsed: float) -> None:
+        """A finished batch's bookkeeping: its size and time (the gather and inline decisions read them), metrics."""
+        self._last_batch_images = images
+        self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
+        if images <= self.inline_max_images:
+            self._small_batch_seconds = 0.8 * self._small_batch_seconds + 0.2 * elapsed
+        if self._on_batch is not None:
+            self._on_batch(images, requests, streams)
+
+    def _defer(self, after: Callable[[], None] | None, context: contextvars.Context) -> None:
+        """Queue a batch's deferred work on the worker thread, not awaited: the next batch runs after it on that
+        same thread, and the loop saves a wake-up per batch (the deferred observers log their own errors)."""
+        if after is not None:
+            self._worker_work.append(self._executor.submit(context.run, after))
+
     async def _run(self, segments: list[list[PendingRequest[R]]]) -> None:
         jobs = [
             Job(
@@ -417,6 +474,7 @@ class Batcher(Generic[R]):
         ]
         images = sum(len(job.images) for job in jobs)
         started = time.perf_counter()
+        self._running = True
         try:
             self._trace_queue_waits(segments)
             outcome = await self._execute(segments, jobs, images)
@@ -429,18 +487,10 @@ class Batcher(Generic[R]):
             return
         finally:
             self._worker_free_at = time.monotonic()
-        elapsed = time.perf_counter() - started
-        self._last_batch_images = images
-        self._busy_seconds = 0.8 * self._busy_seconds + 0.2 * elapsed
-        if images <= self.inline_max_images:
-            self._small_batch_seconds = 0.8 * self._small_batch_seconds + 0.2 * elapsed
-        if self._on_batch is not None:
-            self._on_batch(images, sum(len(batch) for batch in segments), len(segments))
+            self._running = False  # nothing below awaits: no request can start a batch before the answers are out
+        self._account(images, sum(len(batch) for batch in segments), len(segments), time.perf_counter() - started)
         self._deliver(segments, outcome.results)
-        if outcome.after is not None:
-            # queued on the worker thread, not awaited: the next batch runs after it on that same thread,
-            # and the loop saves a wake-up per batch (the deferred observers log their own errors)
-            self._worker_work.append(self._executor.submit(segments[0][0].context.run, outcome.after))
+        self._defer(outcome.after, segments[0][0].context)
 
     async def _execute(self, segments: list[list[PendingRequest[R]]], jobs: list[Job], images: int) -> JobResults[R]:
         """Run the batch inline or on the worker thread, in the lead request's context (its logs and spans name it)."""

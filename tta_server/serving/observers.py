@@ -166,14 +166,26 @@ class DriftObserver:
     def __init__(self, drift: DriftTracker, metrics: Metrics) -> None:
         self.drift = drift
         self.metrics = metrics
+        self._children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+
+    def _series(self, labels: tuple[str, str]) -> tuple[Histogram, Histogram]:
+        """The (entropy, confidence) series of one (model, method), looked up once (see MetricsObserver)."""
+        series = self._children.get(labels)
+        if series is None:
+            series = self._children[labels] = (
+                self.metrics.entropy.labels(*labels),
+                self.metrics.confidence.labels(*labels),
+            )
+        return series
 
     def observe(self, event: StepEvent) -> None:
         probs, labels, info = event.probs, event.labels, event.info
         n = len(probs)
         # one sum each, as Python floats: numpy's mean on a few values costs more than the arithmetic
         entropy_sum, confidence_sum = float(event.scored.entropy.sum()), float(event.scored.confidence.sum())
-        self.metrics.entropy.labels(*labels).observe(entropy_sum / n)
-        self.metrics.confidence.labels(*labels).observe(confidence_sum / n)
+        entropy, confidence = self._series(labels)
+        entropy.observe(entropy_sum / n)
+        confidence.observe(confidence_sum / n)
         predicted = probs.argmax(axis=1)
         sampled = disagreed = 0
         bn_shift = None
