@@ -492,3 +492,26 @@ def test_a_lone_request_runs_in_its_own_task_and_one_that_others_may_join_throug
         await main()
 
     _run(named)
+
+
+def test_requests_that_reach_an_idle_batcher_together_still_fuse() -> None:
+    """A server reads the requests that arrived together in one turn of the loop and each runs to ``submit``
+    without waiting; the first must not run alone then, or every later one would too (one image per batch)."""
+    calls: list[list[str]] = []
+
+    def run_jobs(jobs: Sequence[Job]) -> JobResults[int]:
+        calls.append([j.record.key.stream_id for j in jobs])
+        return JobResults([len(j.images) for j in jobs])
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(run_jobs, max_batch=8, max_delay=0, group_of=_group, inline_max_images=4)
+        await batcher.start()
+        one = np.zeros((1, 1, 1, 3), np.uint8)
+        for _ in range(3):  # also after a turn in which the batches were of one image
+            answers = await asyncio.gather(*(batcher.submit(_record(f"s{i}"), one, True) for i in range(4)))
+            assert answers == [(1, slice(0, 1))] * 4
+            assert await batcher.submit(_record("lone"), one, True) == (1, slice(0, 1))
+        await batcher.stop()
+        assert calls == [["s0", "s1", "s2", "s3"], ["lone"]] * 3
+
+    _run(main)

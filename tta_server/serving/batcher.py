@@ -233,6 +233,7 @@ class Batcher(Generic[R]):
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="tta-batcher")
+        await asyncio.sleep(0)  # the loop's task starts waiting for work now, not during a first request's turn
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -286,8 +287,7 @@ class Batcher(Generic[R]):
         else:
             ticket.used = True
             self._reserved -= 1
-        if self._runs_now(images):
-            return self._run_now(record, images, adapt)
+        alone = self._runs_now(images)
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
             record, images, adapt, time.monotonic() + self.timeout, loop.create_future(), self._group(record)
@@ -297,6 +297,8 @@ class Batcher(Generic[R]):
         self._queued += 1
         if record.key not in self._ready:
             self._ready[record.key] = None
+        if alone and await self._alone_after_a_turn(request):
+            return self._run_now(record, images, adapt)
         self._poke()
         return await request.future
 
@@ -409,12 +411,13 @@ class Batcher(Generic[R]):
         with tracing.span("tta.batch", {"tta.streams": len(jobs), "tta.images": sum(len(j.images) for j in jobs)}):
             return self._run_jobs(jobs)
 
-    def _runs_now(self, images: np.ndarray) -> bool:
-        """The request would be a lone inline batch that starts at once: nothing queued, decoding or running,
-        the worker idle, and no joiner expected (:meth:`_more_expected`)."""
+    def _runs_now(self, images: np.ndarray, queued: int = 0) -> bool:
+        """The request would be a lone inline batch that starts at once: nothing (but the ``queued`` request
+        itself) queued, nothing decoding or running, the worker idle, and no joiner expected
+        (:meth:`_more_expected`)."""
         size = int(images.shape[0])
         return (
-            not self._ready
+            self._queued == queued
             and not self._running
             and size <= self.inline_max_images
             and self._small_batch_seconds <= self.inline_max_seconds
@@ -422,6 +425,30 @@ class Batcher(Generic[R]):
             and self.worker_pending == 0
             and not self._more_expected(size)
         )
+
+    async def _alone_after_a_turn(self, request: PendingRequest[R]) -> bool:
+        """After one turn of the loop, whether ``request`` is still alone (then it is taken out of the queue).
+
+        Requests that reached the server together with this one were read in the same turn but
+        have not reached ``submit`` yet (nothing awaits between reading a small body and
+        submitting it); the turn lets them queue behind this one, which then joins their batch.
+        """
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._poke()  # the request stays queued, as any cancelled waiter's does: the loop serves it
+            raise
+        return self._take_if_alone(request)
+
+    def _take_if_alone(self, request: PendingRequest[R]) -> bool:
+        """Take ``request`` back out of the queue when it is still the only one and may still run at once."""
+        queue = self._pending.get(request.key)
+        if self._queued != 1 or not queue or queue[0] is not request or not self._runs_now(request.images, queued=1):
+            return False
+        del self._pending[request.key]
+        self._ready.pop(request.key, None)
+        self._queued = 0
+        return True
 
     def _run_now(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
         """Run a lone request's batch right here, in the submitting request's own task and context.
