@@ -144,13 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("../shared/models"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/request_path_asgi.json"))
     args = parser.parse_args(argv)
-    report = asyncio.run(measure(args.models_dir, args.rounds, args.requests))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown)
-    sys.stdout.write(markdown)
+    write_report(args.out, asyncio.run(measure(args.models_dir, args.rounds, args.requests)), render)
     return 0
+
+
+def write_report(out: Path, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """The report as JSON at ``out``, its Markdown next to it and on standard output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render(report)
+    out.with_suffix(".md").write_text(markdown)
+    sys.stdout.write(markdown)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ Contract:
   (``inline_max_seconds``, a moving average wherever they ran): the loop reads no request while
   it runs one. Torch work still never runs on two threads at once: the loop does not hand
   anything to the worker while it runs a batch, and runs none while the worker has work.
+- **At once.** A request that finds nothing queued, decoding or running (and would run inline)
+  is queued, waits one turn of the loop, and when it is still alone then, leaves the queue and
+  runs its batch in its own task: no wake-up of the loop's task and no hand-back of the result.
+  The turn matters: a server reads the requests that arrived together in one turn, and each
+  reaches ``submit`` without waiting, so without it the first would run alone, then the next,
+  and concurrent clients would never share a batch.
 """
 
 from __future__ import annotations
