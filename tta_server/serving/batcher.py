@@ -266,16 +266,18 @@ class Batcher(Generic[R]):
         self._worker_work = [f for f in self._worker_work if not f.done()]
         return len(self._worker_work)
 
-    def _runs_inline(self, segments: list[list[PendingRequest[R]]], images: int) -> bool:
-        """A lone small batch with nothing queued, nothing decoding and an idle worker (see the module doc)."""
+    def _inline_allowed(self, images: int) -> bool:
+        """A batch of ``images`` may run on the event loop: small, recently quick, nothing decoding, worker idle."""
         return (
-            len(segments) == 1
-            and images <= self.inline_max_images
+            images <= self.inline_max_images
             and self._small_batch_seconds <= self.inline_max_seconds
-            and not self._ready
             and self._reserved == 0
             and self.worker_pending == 0
         )
+
+    def _runs_inline(self, segments: list[list[PendingRequest[R]]], images: int) -> bool:
+        """A lone small batch with nothing queued, nothing decoding and an idle worker (see the module doc)."""
+        return len(segments) == 1 and not self._ready and self._inline_allowed(images)
 
     # -- requests -------------------------------------------------------------------------
     async def submit(
@@ -293,7 +295,7 @@ class Batcher(Generic[R]):
         else:
             ticket.used = True
             self._reserved -= 1
-        alone = self._runs_now(images)
+        alone = self._runs_now(int(images.shape[0]))
         loop = asyncio.get_running_loop()
         request: PendingRequest[R] = PendingRequest(
             record, images, adapt, time.monotonic() + self.timeout, loop.create_future(), self._group(record)
@@ -304,7 +306,7 @@ class Batcher(Generic[R]):
         if record.key not in self._ready:
             self._ready[record.key] = None
         if alone and await self._alone_after_a_turn(request):
-            return self._run_now(record, images, adapt)
+            return self._run_now(request)
         self._poke()
         return await request.future
 
@@ -417,19 +419,14 @@ class Batcher(Generic[R]):
         with tracing.span("tta.batch", {"tta.streams": len(jobs), "tta.images": sum(len(j.images) for j in jobs)}):
             return self._run_jobs(jobs)
 
-    def _runs_now(self, images: np.ndarray, queued: int = 0) -> bool:
-        """The request would be a lone inline batch that starts at once: nothing (but the ``queued`` request
-        itself) queued, nothing decoding or running, the worker idle, and no joiner expected
-        (:meth:`_more_expected`)."""
-        size = int(images.shape[0])
+    def _runs_now(self, images: int, queued: int = 0) -> bool:
+        """A batch of ``images`` would run inline and start at once: nothing (but the ``queued`` request itself)
+        queued, no batch running, and no joiner expected (:meth:`_more_expected`)."""
         return (
             self._queued == queued
             and not self._running
-            and size <= self.inline_max_images
-            and self._small_batch_seconds <= self.inline_max_seconds
-            and self._reserved == 0
-            and self.worker_pending == 0
-            and not self._more_expected(size)
+            and self._inline_allowed(images)
+            and not self._more_expected(images)
         )
 
     async def _alone_after_a_turn(self, request: PendingRequest[R]) -> bool:
@@ -449,37 +446,35 @@ class Batcher(Generic[R]):
     def _take_if_alone(self, request: PendingRequest[R]) -> bool:
         """Take ``request`` back out of the queue when it is still the only one and may still run at once."""
         queue = self._pending.get(request.key)
-        if self._queued != 1 or not queue or queue[0] is not request or not self._runs_now(request.images, queued=1):
+        if not queue or queue[0] is not request or not self._runs_now(request.size, queued=1):
             return False
         del self._pending[request.key]
         self._ready.pop(request.key, None)
         self._queued = 0
         return True
 
-    def _run_now(self, record: StreamRecord, images: np.ndarray, adapt: bool) -> tuple[R, slice]:
-        """Run a lone request's batch right here, in the submitting request's own task and context.
+    def _run_now(self, request: PendingRequest[R]) -> tuple[R, slice]:
+        """Run a lone request's batch right here, in the submitting request's own task, once it left the queue.
 
         The same batch the loop would run inline a moment later (see :meth:`_runs_now`), without
-        queueing it and waking the loop's task: a lone client sending one small request at a time
-        saves two task switches and the queue's bookkeeping per request.
+        waking the loop's task and handing the result back through the request's future: a lone
+        client sending one small request at a time saves two task switches per request.
         """
-        size = int(images.shape[0])
-        now_ns = time.time_ns()
-        tracing.record_span("tta.queue_wait", now_ns, now_ns)  # no wait: traces keep the same spans either way
+        self._trace_queue_waits([[request]])
         started = time.perf_counter()
         try:
-            outcome = self._run_traced([Job(record, images, adapt)])
+            outcome = self._run_traced([Job(request.record, request.images, request.adapt)])
         except Exception as exc:
-            log.warning("batch of %d images for 1 stream failed: %s", size, exc)
+            log.warning("batch of %d images for 1 stream failed: %s", request.size, exc)
             raise
         finally:
             self._worker_free_at = time.monotonic()
-        self._account(size, 1, 1, time.perf_counter() - started)
+        self._account(request.size, 1, 1, time.perf_counter() - started)
+        self._defer(outcome.after, request.context)
         result = outcome.results[0]
-        self._defer(outcome.after, contextvars.copy_context())
         if isinstance(result, BaseException):
             raise result
-        return result, slice(0, size)
+        return result, slice(0, request.size)
 
     def _account(self, images: int, requests: int, streams: int, elapsed: float) -> None:
         """A finished batch's bookkeeping: its size and time (the gather and inline decisions read them), metrics."""
