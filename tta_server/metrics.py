@@ -17,6 +17,7 @@ so their series exist before the first event and ``rate()``/``increase()`` see t
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable
 from importlib import metadata
@@ -205,23 +206,20 @@ class Metrics:
             self.store_cache.labels(result)
         for reason in EVICTION_REASONS:
             self.streams_evicted.labels(reason)
-        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # looked up once per (route, verb, status): ``labels()`` takes a lock and builds its key on every
+        # call, and this runs for every request; bounded, since a client can send any verb
+        self._request_series: Callable[[str, str, int], tuple[Counter, Histogram]] = functools.lru_cache(1024)(
+            self._labelled_request
+        )
+
+    def _labelled_request(self, route: str, http_method: str, status: int) -> tuple[Counter, Histogram]:
+        return self.requests.labels(route, http_method, str(status)), self.latency.labels(route, http_method)
 
     def record_request(self, route: str, http_method: str, status: int, seconds: float) -> None:
-        """Count and time one HTTP answer under its route template (the middleware and the predict fast path).
-
-        The labelled series are looked up once per (route, verb, status): ``labels()`` takes a lock
-        and builds its key on every call, and this runs for every request. Route templates, verbs
-        and status codes are few (the cache holds at most 1,024 of them).
-        """
-        key = (route, http_method, status)
-        series = self._request_series.get(key)
-        if series is None:
-            series = (self.requests.labels(route, http_method, str(status)), self.latency.labels(route, http_method))
-            if len(self._request_series) < 1024:  # a client can send any verb: never an unbounded cache
-                self._request_series[key] = series
-        series[0].inc()
-        series[1].observe(seconds)
+        """Count and time one HTTP answer under its route template (the middleware and the predict fast path)."""
+        count, latency = self._request_series(route, http_method, status)
+        count.inc()
+        latency.observe(seconds)
 
     def track_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         """Read a gauge's value from ``fn`` at scrape time."""

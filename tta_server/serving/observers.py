@@ -10,6 +10,7 @@ carries on: the answer and the stored state are what they would have been withou
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,22 +120,19 @@ class MetricsObserver:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._children: dict[tuple[str, str], _StepSeries] = {}
+        # looked up once per (model, method): a fused batch observes one event per stream, and
+        # ``labels()`` (a lock and a dict lookup per metric) was the larger part of each
+        self._series: Callable[[tuple[str, str]], _StepSeries] = functools.cache(self._labelled)
 
-    def _series(self, labels: tuple[str, str]) -> _StepSeries:
-        """The labelled series of one (model, method), looked up once: a fused batch observes one event per
-        stream, and ``labels()`` (a lock and a dict lookup per metric) was the larger part of each."""
-        series = self._children.get(labels)
-        if series is None:
-            m = self.metrics
-            series = _StepSeries(
-                m.inference.labels(*labels),
-                m.images.labels(*labels),
-                m.state_bytes.labels(*labels),
-                m.adaptation_steps.labels(*labels),
-            )
-            self._children[labels] = series
-        return series
+    def _labelled(self, labels: tuple[str, str]) -> _StepSeries:
+        """The labelled series of one (model, method)."""
+        m = self.metrics
+        return _StepSeries(
+            m.inference.labels(*labels),
+            m.images.labels(*labels),
+            m.state_bytes.labels(*labels),
+            m.adaptation_steps.labels(*labels),
+        )
 
     def observe(self, event: StepEvent) -> None:
         m, labels, info = self.metrics, event.labels, event.info
@@ -166,17 +164,12 @@ class DriftObserver:
     def __init__(self, drift: DriftTracker, metrics: Metrics) -> None:
         self.drift = drift
         self.metrics = metrics
-        self._children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+        # looked up once per (model, method), as MetricsObserver's
+        self._series: Callable[[tuple[str, str]], tuple[Histogram, Histogram]] = functools.cache(self._labelled)
 
-    def _series(self, labels: tuple[str, str]) -> tuple[Histogram, Histogram]:
-        """The (entropy, confidence) series of one (model, method), looked up once (see MetricsObserver)."""
-        series = self._children.get(labels)
-        if series is None:
-            series = self._children[labels] = (
-                self.metrics.entropy.labels(*labels),
-                self.metrics.confidence.labels(*labels),
-            )
-        return series
+    def _labelled(self, labels: tuple[str, str]) -> tuple[Histogram, Histogram]:
+        """The (entropy, confidence) series of one (model, method)."""
+        return self.metrics.entropy.labels(*labels), self.metrics.confidence.labels(*labels)
 
     def observe(self, event: StepEvent) -> None:
         probs, labels, info = event.probs, event.labels, event.info
