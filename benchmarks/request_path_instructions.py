@@ -86,8 +86,8 @@ async def _child(app_name: str, root: Path, models_dir: Path, requests: int) -> 
         await counted(app, "/v1/streams/s/predict")
 
 
-def _launch(name: str, app_name: str, root: Path, args: argparse.Namespace, out_dir: Path) -> subprocess.Popen[bytes]:
-    out = out_dir / f"{name}.callgrind"
+def _launch(app_name: str, root: Path, args: argparse.Namespace, out: Path) -> subprocess.Popen[bytes]:
+    """One app's counting process under valgrind, writing callgrind's output to ``out``."""
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     command += [sys.executable, "-m", "benchmarks.request_path_instructions", "--child", app_name]
     command += ["--root", str(root), "--models-dir", str(args.models_dir), "--requests", str(args.requests)]
@@ -106,12 +106,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         names = list(wanted)
         for start in range(0, len(names), args.parallel):
             batch = names[start : start + args.parallel]
-            procs = {n: _launch(n.replace(" ", "_"), *wanted[n], args, Path(tmp)) for n in batch}
+            outs = {n: Path(tmp) / f"{n.replace(' ', '_')}.callgrind" for n in batch}
+            procs = {n: _launch(*wanted[n], args, outs[n]) for n in batch}
             for name, proc in procs.items():
                 _, stderr = proc.communicate()
                 if proc.returncode != 0:
                     raise RuntimeError(f"{name}: exit {proc.returncode}: {stderr.decode(errors='replace')[-2000:]}")
-                total = callgrind_totals(Path(tmp) / f"{name.replace(' ', '_')}.callgrind")
+                total = callgrind_totals(outs[name])
                 per_request[name] = total / args.requests
                 print(f"{name}: {per_request[name] / 1e6:.3f} M instructions per request", file=sys.stderr)  # noqa: T201
     plain = per_request["plain"]
