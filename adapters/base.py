@@ -142,7 +142,8 @@ class StreamState:
 
     def with_meta(self, **changes: Any) -> StreamState:
         """A copy with some metadata fields replaced (tensors shared, not copied)."""
-        return StreamState(self.tensors, replace(self.meta, **changes))
+        # vars + a constructor call: ``dataclasses.replace`` walks the fields in Python, on every step
+        return StreamState(self.tensors, StateMeta(**{**vars(self.meta), **changes}))
 
 
 @dataclass(frozen=True)

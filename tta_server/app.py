@@ -234,10 +234,12 @@ def build_services(settings: Settings) -> Services:
     autocast = None if settings.autocast == "off" else settings.autocast
     worker = ModelWorker(hub, store, observers, channels_last=settings.channels_last, autocast=autocast)
 
+    batch_images, batch_requests, batch_streams = (h.labels() for h in metrics.batch_histograms())
+
     def on_batch(images: int, requests: int, streams: int) -> None:
-        metrics.batch_images.observe(images)
-        metrics.batch_requests.observe(requests)
-        metrics.batch_streams.observe(streams)
+        batch_images.observe(images)
+        batch_requests.observe(requests)
+        batch_streams.observe(streams)
 
     batcher: Batcher[BatchOutput] = Batcher(
         worker.run_jobs,

@@ -9,7 +9,7 @@ tenant's stream is reported as absent (404), never as forbidden, so ids do not l
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tta_server.errors import UnauthorizedError
 
@@ -17,8 +17,7 @@ ADMIN = "*"
 DEFAULT_TENANT = "default"
 
 
-@dataclass(frozen=True)
-class Principal:
+class Principal(NamedTuple):
     """Who is calling: the tenant whose streams they address, and whether they are admin."""
 
     tenant: str

@@ -32,6 +32,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tta_server.hot_metrics import CounterSeries, HistogramSeries, HotCounter, HotHistogram
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -58,6 +60,9 @@ first error); list it here so that its alert and dashboard panel see a 0 before 
 """
 
 
+RequestSeries = tuple[CounterSeries, HistogramSeries]
+"""The count and latency series of one (route, verb, status)."""
+
 EVICTION_REASONS = ("lru", "ttl")
 """The ``reason`` values of ``tta_streams_evicted_total`` (the memory store's), each exported at 0."""
 
@@ -76,13 +81,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = HotCounter(
             "tta_http_requests_total",
             "HTTP requests by route, HTTP verb and status code",
             ["route", "http_method", "status"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = HotHistogram(
             "tta_http_request_duration_seconds",
             "HTTP request latency by route and HTTP verb",
             ["route", "http_method"],
@@ -94,27 +99,27 @@ class Metrics:
         self.deadline_exceeded = Counter(
             "tta_deadline_exceeded_total", "requests failed with 504 before running", registry=r
         )
-        self.batch_images = Histogram(
+        self.batch_images = HotHistogram(
             "tta_batch_images", "images per batch (all fused streams together)", buckets=BATCH_BUCKETS, registry=r
         )
-        self.batch_streams = Histogram(
+        self.batch_streams = HotHistogram(
             "tta_batch_streams",
             "streams fused into one batch (one forward pass; 1 when fusion is off or nothing could join)",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = HotHistogram(
             "tta_batch_requests", "requests coalesced per adaptation batch", buckets=BATCH_BUCKETS, registry=r
         )
-        self.inference = Histogram(
+        self.inference = HotHistogram(
             "tta_inference_duration_seconds",
             "adapter step time per batch (forward and adaptation)",
             ["model", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.images = Counter("tta_images_total", "images predicted", ["model", "method"], registry=r)
-        self.adaptation_steps = Counter(
+        self.images = HotCounter("tta_images_total", "images predicted", ["model", "method"], registry=r)
+        self.adaptation_steps = HotCounter(
             "tta_adaptation_steps_total", "batches that updated a stream state", ["model", "method"], registry=r
         )
         self.samples_filtered = Counter(
@@ -156,21 +161,21 @@ class Metrics:
             "streams whose newest state is only in this process (write-behind, or Redis unreachable)",
             registry=r,
         )
-        self.state_bytes = Histogram(
+        self.state_bytes = HotHistogram(
             "tta_stream_state_bytes",
             "bytes of adapted state per stream at write",
             ["model", "method"],
             buckets=(1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
             registry=r,
         )
-        self.entropy = Histogram(
+        self.entropy = HotHistogram(
             "tta_prediction_entropy_nats",
             "mean prediction entropy per batch",
             ["model", "method"],
             buckets=ENTROPY_BUCKETS,
             registry=r,
         )
-        self.confidence = Histogram(
+        self.confidence = HotHistogram(
             "tta_prediction_confidence",
             "mean max-probability per batch",
             ["model", "method"],
@@ -208,12 +213,16 @@ class Metrics:
             self.streams_evicted.labels(reason)
         # looked up once per (route, verb, status): ``labels()`` takes a lock and builds its key on every
         # call, and this runs for every request; bounded, since a client can send any verb
-        self._request_series: Callable[[str, str, int], tuple[Counter, Histogram]] = functools.lru_cache(1024)(
-            self._labelled_request
-        )
+        self._request_series: Callable[[str, str, int], tuple[CounterSeries, HistogramSeries]] = functools.lru_cache(
+            1024
+        )(self._labelled_request)
 
-    def _labelled_request(self, route: str, http_method: str, status: int) -> tuple[Counter, Histogram]:
+    def _labelled_request(self, route: str, http_method: str, status: int) -> RequestSeries:
         return self.requests.labels(route, http_method, str(status)), self.latency.labels(route, http_method)
+
+    def batch_histograms(self) -> tuple[HotHistogram, HotHistogram, HotHistogram]:
+        """Images, requests and streams per batch (in that order): the batcher observes them per batch."""
+        return self.batch_images, self.batch_requests, self.batch_streams
 
     def record_request(self, route: str, http_method: str, status: int, seconds: float) -> None:
         """Count and time one HTTP answer under its route template (the middleware and the predict fast path)."""

@@ -67,6 +67,9 @@ def test_npy_headers_are_checked_before_anything_is_allocated(hostile: TestClien
         (npy_with_header((1, 32, 32, 3), data=b"\0" * 10), 422),  # data shorter than the header says
         (npy_with_header((1, 32, 32, 3), descr="<f4", data=b"\0" * 32 * 32 * 3 * 4), 422),
         (b"\x93NUMPY\x01\x00\xff\x00{'descr': ", 422),
+        (npy_with_header((1, 32, 32, 3)).replace(b"(1, 32", b"(1  32", 1), 422),  # dimensions without a comma
+        (npy_with_header((1, 10**13, 1, 3)), 413),  # a dimension of more than 12 digits
+        (npy_with_header((8, 4096, 4096, 3)), 413),  # each image fits, the request's pixels do not
     ]
     for body, status in cases:
         started = time.perf_counter()
@@ -74,6 +77,8 @@ def test_npy_headers_are_checked_before_anything_is_allocated(hostile: TestClien
         assert r.status_code == status, r.text
         assert time.perf_counter() - started < 1.0
     assert "empty" in hostile.post(url, content=npy_with_header((1, 0, 0, 3)), headers=NPY).json()["error"]["message"]
+    too_many = hostile.post(url, content=npy_with_header((8, 4096, 4096, 3)), headers=NPY).json()["error"]
+    assert "request's 8 images hold 134217728 pixels" in too_many["message"], too_many
     assert unchanged(hostile)
 
 

@@ -88,3 +88,20 @@ def test_the_id_reaches_the_model_worker_thread(app_client: TestClient) -> None:
     r = app_client.post("/v1/streams/rid/predict", content=npy_bytes(images), headers={**NPY, "X-Request-ID": "p-1"})
     assert r.status_code == 200 and seen == ["p-1"]
     assert np.asarray(r.json()["predictions"]).size == 2
+
+
+def test_fresh_ids_are_unique_across_threads_and_processes() -> None:
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tta_server.observability.request_id import new_request_id
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: new_request_id(), range(20_000)))
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids[:100])
+    code = "from tta_server.observability.request_id import new_request_id; print(new_request_id())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", other)
+    assert other[:16] != ids[0][:16]  # another process (a replica, a restart) draws another prefix

@@ -33,6 +33,21 @@ def test_lru_bound_and_idle_ttl() -> None:
     assert store.count() == 1 and store.evictions == 2
 
 
+def test_idle_expiry_keeps_every_recently_used_stream_in_any_use_order() -> None:
+    """Expiry walks the least recently used end only; streams touched in any order still expire exactly."""
+    now = [0.0]
+    store = MemoryStateStore(ttl_seconds=10, clock=lambda: now[0])
+    for sid in "abcdef":
+        store.create_stream(record("t", sid))
+    for t, sid in ((3, "d"), (4, "a"), (6, "f"), (7, "b"), (8, "a")):
+        now[0] = t
+        store.load_state(StreamKey("t", sid))
+    now[0] = 16.5  # idle more than 10 s: c and e (0), d (3), f (6); a (8) and b (7) stay
+    assert store.count() == 2
+    assert sorted(r.key.stream_id for r in store.list_streams("t", 0, 10)[0]) == ["a", "b"]
+    assert store.evictions == 4
+
+
 def test_state_summaries_describe_without_touching() -> None:
     now = [0.0]
     store = MemoryStateStore(ttl_seconds=10, clock=lambda: now[0])

@@ -13,8 +13,9 @@ replaced by a fresh id, so a log line can always be trusted to hold exactly one 
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,9 +37,18 @@ def current_request_id() -> str | None:
     return _REQUEST_ID.get()
 
 
+_PROCESS_PREFIX = os.urandom(8).hex()
+_SEQUENCE = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """A fresh id: 32 hex digits (a UUID4 without dashes)."""
-    return uuid.uuid4().hex
+    """A fresh id: 32 hex digits, this process's random 16 then a 16-digit counter.
+
+    Unique across replicas and restarts (the prefix is drawn at start) and ordered within a
+    process; a UUID4 per request cost a system call and a Python ``UUID`` object on every
+    request that came without an id of its own (``itertools.count`` is atomic under the GIL).
+    """
+    return f"{_PROCESS_PREFIX}{next(_SEQUENCE):016x}"
 
 
 def accept_request_id(given: str | None) -> str:

@@ -19,6 +19,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -30,8 +31,9 @@ NPY_MAGIC = b"\x93NUMPY"
 NPY_UINT8 = ("|u1", "<u1", ">u1", "u1")
 _NPY_HEADER = re.compile(
     r"""^\{\s*'descr':\s*'(?P<descr>[^']*)',\s*'fortran_order':\s*(?P<fortran>True|False),\s*"""
-    r"""'shape':\s*\((?P<shape>[0-9,\s]*)\),?\s*\}\s*$"""
+    r"""'shape':\s*\(\s*(?P<shape>(?:[0-9]+\s*,\s*)*[0-9]*)\s*\),?\s*\}\s*$"""
 )
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,13 @@ class AdmittedFiles:
         return len(self.blobs)
 
 
-@dataclass(frozen=True)
-class AdmittedNpy:
+class AdmittedNpy(NamedTuple):
     """A ``.npy`` uint8 batch whose header passed the limits: shape (N, H, W, C) and where the data starts."""
 
     body: bytes
     shape: tuple[int, int, int, int]
     offset: int
     fortran_order: bool
-
-    @property
-    def count(self) -> int:
-        return self.shape[0]
 
 
 def check_count(n: int, limits: InputLimits) -> None:
@@ -85,19 +82,27 @@ def check_count(n: int, limits: InputLimits) -> None:
 
 def check_pixels(sizes: list[tuple[int, int]], limits: InputLimits) -> None:
     """Each image within ``max_pixels``, none empty, and all of them within ``max_request_pixels``."""
-    total = 0
     for i, (width, height) in enumerate(sizes):
-        if width <= 0 or height <= 0:
-            raise RequestInvalidError(f"image {i} is empty ({width}x{height} pixels)", {"index": i})
-        if width * height > limits.max_pixels:
-            raise PayloadTooLargeError(
-                f"image {i}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} per image",
-                {"index": i, "width": width, "height": height, "max_pixels": limits.max_pixels},
-            )
-        total += width * height
+        check_image_pixels(i, width, height, limits)
+    check_request_pixels(len(sizes), sum(width * height for width, height in sizes), limits)
+
+
+def check_image_pixels(index: int, width: int, height: int, limits: InputLimits) -> None:
+    """One image is not empty and within ``max_pixels``."""
+    if width <= 0 or height <= 0:
+        raise RequestInvalidError(f"image {index} is empty ({width}x{height} pixels)", {"index": index})
+    if width * height > limits.max_pixels:
+        raise PayloadTooLargeError(
+            f"image {index}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} per image",
+            {"index": index, "width": width, "height": height, "max_pixels": limits.max_pixels},
+        )
+
+
+def check_request_pixels(count: int, total: int, limits: InputLimits) -> None:
+    """The request's ``count`` images hold at most ``max_request_pixels`` together."""
     if total > limits.max_request_pixels:
         raise PayloadTooLargeError(
-            f"the request's {len(sizes)} images hold {total} pixels, over the limit of "
+            f"the request's {count} images hold {total} pixels, over the limit of "
             f"{limits.max_request_pixels} per request; send fewer or smaller images per request",
             {"pixels": total, "max_request_pixels": limits.max_request_pixels},
         )
@@ -159,10 +164,10 @@ def parse_npy_header(body: bytes) -> tuple[str, bool, tuple[int, ...], int]:
         raise RequestInvalidError(
             "body is not a valid .npy array: header is not a plain description (descr, fortran_order, shape)"
         )
-    dims = [d.strip() for d in found["shape"].split(",") if d.strip()]
-    if any(len(d) > 12 for d in dims):
+    dims = _DIGITS.findall(found["shape"])
+    if max(map(len, dims), default=0) > 12:
         raise PayloadTooLargeError(".npy header declares an absurdly large dimension")
-    shape = tuple(int(d) for d in dims)
+    shape = tuple(map(int, dims))
     return found["descr"], found["fortran"] == "True", shape, start + length
 
 
@@ -179,7 +184,8 @@ def admit_npy(body: bytes, limits: InputLimits) -> AdmittedNpy:
         )
     n, height, width, channels = shape
     check_count(n, limits)
-    check_pixels([(width, height)] * n, limits)
+    check_image_pixels(0, width, height, limits)  # every image of the batch has this size
+    check_request_pixels(n, n * width * height, limits)
     expected = n * height * width * channels
     if len(body) - offset != expected:
         raise RequestInvalidError(

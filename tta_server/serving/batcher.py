@@ -57,7 +57,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -71,14 +71,14 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """A reserved queue slot; ``used`` once submitted or released."""
 
     used: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingRequest(Generic[R]):
     """One request waiting for its batch."""
 
@@ -103,8 +103,7 @@ class PendingRequest(Generic[R]):
         return int(self.images.shape[0])
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     """One stream's segment of a batch: its registration, its images (concatenated requests), the adapt flag."""
 
     record: StreamRecord
@@ -112,8 +111,7 @@ class Job:
     adapt: bool
 
 
-@dataclass(frozen=True)
-class JobResults(Generic[R]):
+class JobResults(NamedTuple, Generic[R]):
     """What ``run_jobs`` returns: one result or exception per job, and deferred work to run afterwards."""
 
     results: list[R | BaseException]

@@ -13,14 +13,14 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from tta_server.state.base import StreamKey
 
 
-@dataclass(frozen=True)
-class BatchSignals:
+class BatchSignals(NamedTuple):
     """What one batch contributes to a stream's drift windows."""
 
     n: int
@@ -139,8 +139,7 @@ class DriftTracker:
         )
 
 
-@dataclass(frozen=True)
-class ScoredProbs:
+class ScoredProbs(NamedTuple):
     """Probabilities with their per-row entropy and confidence, computed once per batch on the worker.
 
     The answer (per-image entropy) and the drift observer (batch means, histograms) read the same

@@ -14,16 +14,16 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
-from prometheus_client import Counter, Histogram
 from torch import nn
 
 from adapters.auto import regime_name
 from adapters.base import StepInfo
 from adapters.norms import norm_kind_of
+from tta_server.hot_metrics import CounterSeries, HistogramSeries
 from tta_server.metrics import Metrics
 from tta_server.serving.drift import BatchSignals, DriftTracker, ScoredProbs
 from tta_server.state.base import StreamRecord
@@ -32,8 +32,7 @@ from tta_server.zoo.catalogue import LoadedModel
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StepEvent:
+class StepEvent(NamedTuple):
     """What one finished step of one stream did (the observers' only input)."""
 
     record: StreamRecord
@@ -103,10 +102,10 @@ class Observers:
 class _StepSeries:
     """The per-(model, method) series every step touches."""
 
-    inference: Histogram
-    images: Counter
-    state_bytes: Histogram
-    adaptation_steps: Counter
+    inference: HistogramSeries
+    images: CounterSeries
+    state_bytes: HistogramSeries
+    adaptation_steps: CounterSeries
 
 
 class MetricsObserver:
@@ -152,6 +151,10 @@ class MetricsObserver:
             m.auto_switches.labels(*labels, regime).inc()
 
 
+_DriftSeries = tuple[HistogramSeries, HistogramSeries]
+"""The (entropy, confidence) series of one (model, method)."""
+
+
 class DriftObserver:
     """Drift signals of a step: entropy and confidence always, the source model's view every N batches."""
 
@@ -165,17 +168,17 @@ class DriftObserver:
         self.drift = drift
         self.metrics = metrics
         # looked up once per (model, method), as MetricsObserver's
-        self._series: Callable[[tuple[str, str]], tuple[Histogram, Histogram]] = functools.cache(self._labelled)
+        self._series: Callable[[tuple[str, str]], _DriftSeries] = functools.cache(self._labelled)
 
-    def _labelled(self, labels: tuple[str, str]) -> tuple[Histogram, Histogram]:
+    def _labelled(self, labels: tuple[str, str]) -> _DriftSeries:
         """The (entropy, confidence) series of one (model, method)."""
         return self.metrics.entropy.labels(*labels), self.metrics.confidence.labels(*labels)
 
     def observe(self, event: StepEvent) -> None:
         probs, labels, info = event.probs, event.labels, event.info
         n = len(probs)
-        # one sum each, as Python floats: numpy's mean on a few values costs more than the arithmetic
-        entropy_sum, confidence_sum = float(event.scored.entropy.sum()), float(event.scored.confidence.sum())
+        # summed as Python floats: numpy's sum on a few values (its Python wrapper, a reduction) costs more
+        entropy_sum, confidence_sum = sum(event.scored.entropy.tolist()), sum(event.scored.confidence.tolist())
         entropy, confidence = self._series(labels)
         entropy.observe(entropy_sum / n)
         confidence.observe(confidence_sum / n)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -67,8 +67,7 @@ class StreamView:
     model_sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class PredictInput:
+class PredictInput(NamedTuple):
     """A decoded predict body: uint8 NHWC images and the options the body itself carried."""
 
     images: np.ndarray
@@ -76,8 +75,7 @@ class PredictInput:
     top_k: int | None = None
 
 
-@dataclass(frozen=True)
-class PredictOutcome:
+class PredictOutcome(NamedTuple):
     """One request's share of a batch: the batch output, its rows, and the options that applied."""
 
     record: StreamRecord

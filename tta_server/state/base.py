@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from adapters.base import StreamState
 
@@ -36,8 +36,7 @@ class VersionConflictError(StoreError):
     """A state write was based on an older version than the stored one (lost-update guard)."""
 
 
-@dataclass(frozen=True, order=True)
-class StreamKey:
+class StreamKey(NamedTuple):
     """A stream is identified by its tenant and its id; tenants never see each other's streams."""
 
     tenant: str
@@ -60,8 +59,7 @@ class StreamRecord:
     created_at: float = field(default_factory=time.time)
 
 
-@dataclass(frozen=True)
-class StoredState:
+class StoredState(NamedTuple):
     """A stream's latest state, its version, running counters and the time of the write."""
 
     state: StreamState

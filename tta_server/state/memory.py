@@ -74,8 +74,12 @@ class MemoryStateStore:
     def _expire(self, now: float) -> None:
         if self.ttl_seconds is None:
             return
-        stale = [k for k, e in self._entries.items() if now - e.last_access > self.ttl_seconds]
-        for key in stale:
+        # the entries are in least-recently-used order (every touch moves its entry to the end, with the
+        # time of that touch), so the stale ones lead: only they are visited, not every stream on every call
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.last_access <= self.ttl_seconds:
+                return
             del self._entries[key]
             self._evicted(key, "ttl")
 
