@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 WARM_UP = 20
 
 
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        asyncio.run(_child(args.child, args.root or Path.cwd(), args.models_dir, args.requests))
+        # the loop a server runs on: uvicorn picks uvloop when installed (a dependency of this project)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_child(args.child, args.root or Path.cwd(), args.models_dir, args.requests))
         return 0
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")

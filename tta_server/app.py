@@ -61,6 +61,7 @@ from tta_server.serving.decode import DecodePool, InputLimits
 from tta_server.serving.drift import DriftTracker
 from tta_server.serving.model_worker import BatchOutput, ModelWorker
 from tta_server.serving.observers import DriftObserver, MetricsObserver, Observers
+from tta_server.serving.record_cache import RecordCache
 from tta_server.serving.stream_service import StreamService
 from tta_server.settings import Settings
 from tta_server.state.base import (
@@ -219,7 +220,7 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def fusion_group(record: StreamRecord) -> Hashable:
+def group_key(record: StreamRecord) -> Hashable:
     """Streams that one ``adapter.step_many`` call can serve together: same model, method and config."""
     return record.model, record.method, json.dumps(record.config, sort_keys=True)
 
@@ -248,7 +249,7 @@ def build_services(settings: Settings) -> Services:
         max_queue=settings.max_queue,
         timeout=settings.request_timeout_s,
         on_batch=on_batch,
-        group_of=fusion_group if settings.fuse_streams else None,
+        group_of=RecordCache(group_key) if settings.fuse_streams else None,  # asked for every request
         # a batch's state reads and writes run where the batch runs: never Redis I/O on the event loop
         inline_max_images=settings.inline_max_images if store.in_process else 0,
         inline_max_seconds=settings.inline_max_ms / 1000,

@@ -102,7 +102,11 @@ def test_request_ids_metrics_and_faults(client: TestClient, monkeypatch: pytest.
     assert r.status_code == 200 and r.headers["x-request-id"] == "cam-7:frame-19"
     fresh = client.post("/v1/streams/s/predict", content=body, headers={**NPY, "X-Request-ID": "bad id\x01"})
     assert fresh.headers["x-request-id"] != "bad id\x01" and len(fresh.headers["x-request-id"]) == 32
-    assert counted(client, "200") == before + 2
+    not_ascii = client.post("/v1/streams/s/predict", content=body, headers={**NPY, "X-Request-ID": b"cam-\xff"})
+    assert not_ascii.status_code == 200 and len(not_ascii.headers["x-request-id"]) == 32
+    twice = [*NPY.items(), ("X-Request-ID", "one"), ("X-Request-ID", "two")]  # handed to the route: same answer
+    assert client.post("/v1/streams/s/predict", content=body, headers=twice).status_code == 200
+    assert counted(client, "200") == before + 4
 
     async def broken(*_: object) -> None:
         raise RuntimeError("boom at 0x7f00deadbeef")

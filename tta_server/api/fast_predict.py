@@ -39,8 +39,8 @@ from tta_server.observability.request_id import (
     HEADER,
     HEADER_KEY,
     accept_request_id,
-    request_id_header,
-    use_request_id,
+    reset_request_id,
+    set_request_id,
 )
 from tta_server.serving.stream_service import PredictInput
 from tta_server.state.base import StreamKey
@@ -78,9 +78,9 @@ def parse_query(query: bytes, default_top_k: int = 5) -> tuple[bool, int] | None
 
 
 def npy_request_headers(scope: Scope) -> dict[bytes, bytes] | None:
-    """The headers this path reads (lower-case names) of a ``.npy`` body; None when the body is of another
-    media type or one of them is repeated (the route decides then)."""
-    wanted = (b"content-type", b"content-length", b"authorization", b"x-tenant")
+    """The headers this path reads (lower-case names, ``X-Request-ID`` included: one scan of the headers) of a
+    ``.npy`` body; None when the body is of another media type or one of them is repeated (the route decides then)."""
+    wanted = (b"content-type", b"content-length", b"authorization", b"x-tenant", HEADER_KEY)
     found: dict[bytes, bytes] = {}
     for key, value in scope.get("headers", ()):
         if key in wanted:
@@ -89,6 +89,14 @@ def npy_request_headers(scope: Scope) -> dict[bytes, bytes] | None:
             found[key] = value
     content_type = found.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
     return found if content_type in NPY_TYPES else None
+
+
+def given_request_id(headers: dict[bytes, bytes]) -> str | None:
+    """The client's ``X-Request-ID`` as text, None when absent or not ASCII (as the middleware reads it)."""
+    value = headers.get(HEADER_KEY)
+    if value is None or not value.isascii():
+        return None
+    return value.decode("ascii")
 
 
 class FastPredict:
@@ -131,13 +139,14 @@ class FastPredict:
         if ours is None:
             return False
         started = time.perf_counter()
-        request_id = accept_request_id(request_id_header(scope))
+        request_id = accept_request_id(given_request_id(ours[3]))
         status = 500
-        with use_request_id(request_id):
-            try:
-                status = await self._answer(scope, receive, send, ours, request_id.encode("ascii"))
-            finally:
-                self.services.metrics.record_request(ROUTE, "POST", status, time.perf_counter() - started)
+        token = set_request_id(request_id)  # use_request_id's work without a generator per request
+        try:
+            status = await self._answer(scope, receive, send, ours, request_id.encode("ascii"))
+        finally:
+            self.services.metrics.record_request(ROUTE, "POST", status, time.perf_counter() - started)
+            reset_request_id(token)
         return True
 
     async def _answer(

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,14 +58,24 @@ def accept_request_id(given: str | None) -> str:
     return new_request_id()
 
 
+def set_request_id(request_id: str) -> Token[str | None]:
+    """Make ``request_id`` the current one (this task's context) until :func:`reset_request_id`."""
+    return _REQUEST_ID.set(request_id)
+
+
+def reset_request_id(token: Token[str | None]) -> None:
+    """Back to the id that was current before :func:`set_request_id` returned ``token``."""
+    _REQUEST_ID.reset(token)
+
+
 @contextmanager
 def use_request_id(request_id: str) -> Iterator[None]:
     """``request_id`` is the current one inside the block (this task's context)."""
-    token = _REQUEST_ID.set(request_id)
+    token = set_request_id(request_id)
     try:
         yield
     finally:
-        _REQUEST_ID.reset(token)
+        reset_request_id(token)
 
 
 def request_id_header(scope: Scope) -> str | None:

@@ -35,6 +35,7 @@ from tta_server.serving.batcher import Job, JobResults
 from tta_server.serving.drift import ScoredProbs
 from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_method
 from tta_server.serving.observers import Observers, StepEvent
+from tta_server.serving.record_cache import RecordCache
 from tta_server.serving.state_checks import check_state_fits
 from tta_server.state.base import StateStore, StreamRecord, VersionConflictError
 from tta_server.zoo.catalogue import LoadedModel
@@ -88,7 +89,7 @@ class ModelWorker:
             log.warning("autocast=%s applies on CUDA only; %s runs in fp32", autocast, hub.device)
         self._setups: dict[tuple[str, str, str], MethodSetup] = {}
         self._prepared: dict[tuple[str, str], nn.Module] = {}
-        self._by_record: dict[int, tuple[StreamRecord, MethodSetup]] = {}
+        self._record_setups = RecordCache(lambda record: self.setup(record.model, record.method, record.config))
         self._lock = threading.RLock()
 
     # -- setups ---------------------------------------------------------------------------
@@ -119,16 +120,8 @@ class ModelWorker:
         return normalized
 
     def _setup_of(self, record: StreamRecord) -> MethodSetup:
-        """The record's setup; a registration read again from the in-memory store is the same object every
-        time, so its setup is remembered by identity and the config is not serialized again per batch."""
-        remembered = self._by_record.get(id(record))
-        if remembered is not None and remembered[0] is record:
-            return remembered[1]
-        setup = self.setup(record.model, record.method, record.config)
-        if len(self._by_record) >= 4096:
-            self._by_record.clear()
-        self._by_record[id(record)] = (record, setup)
-        return setup
+        """The record's setup, remembered per registration object (:class:`RecordCache`)."""
+        return self._record_setups(record)
 
     # -- state ----------------------------------------------------------------------------
     def current_state(self, record: StreamRecord, setup: MethodSetup) -> tuple[StreamState, int, int]:
@@ -161,10 +154,13 @@ class ModelWorker:
             results: list[BatchOutput | BaseException] = [self._run_one(jobs[0], events)]
         else:
             results = self._run_fused(jobs, events)
-        self._observe(events, deferred=False)
-        if not self.observers.defers_any(events):
+        if not self.observers.notify_all(events):
             return JobResults(results)
-        return JobResults(results, after=lambda: self._observe(events, deferred=True))
+        return JobResults(results, after=lambda: self._observe_deferred(events))
+
+    def _observe_deferred(self, events: list[StepEvent]) -> None:
+        """The observers' deferred pass (drift's source-model forward), after the answers were handed back."""
+        self.observers.notify_all(events, deferred=True)
 
     def _step_mode(self, setup: MethodSetup) -> contextlib.AbstractContextManager[Any]:
         """The grad mode and precision a step runs under.
@@ -186,10 +182,6 @@ class ModelWorker:
         device_type = "cuda" if self.hub.device.startswith("cuda") else "cpu"
         mode.enter_context(torch.autocast(device_type, dtype=AUTOCAST_DTYPES[self.autocast]))
         return mode
-
-    def _observe(self, events: list[StepEvent], deferred: bool) -> None:
-        for event in events:
-            self.observers.notify(event, deferred)
 
     def _run_one(self, job: Job, events: list[StepEvent]) -> BatchOutput:
         """One stream's step with compare-and-set: recomputed from the newer state if another replica wrote.

@@ -86,16 +86,25 @@ class Observers:
 
     def notify(self, event: StepEvent, deferred: bool = False) -> None:
         """Run the observers that defer ``event`` (``deferred``) or that do not (the default) on it."""
-        for observer in self.observers:
-            if observer.defers(event) != deferred:
-                continue
-            try:
-                observer.observe(event)
-            except Exception:
-                log.exception(
-                    "observer %s failed on stream %s (the request is unaffected)", observer.name, event.record.key
-                )
-                self.metrics.observer_errors.labels(observer.name).inc()
+        self.notify_all([event], deferred)
+
+    def notify_all(self, events: Sequence[StepEvent], deferred: bool = False) -> bool:
+        """:meth:`notify` for each of ``events``; whether an observer was left out of some event (for the
+        default pass: whether a deferred pass is needed), so each observer's ``defers`` is asked once."""
+        left_out = False
+        for event in events:
+            for observer in self.observers:
+                if observer.defers(event) != deferred:
+                    left_out = True
+                    continue
+                try:
+                    observer.observe(event)
+                except Exception:
+                    log.exception(
+                        "observer %s failed on stream %s (the request is unaffected)", observer.name, event.record.key
+                    )
+                    self.metrics.observer_errors.labels(observer.name).inc()
+        return left_out
 
 
 @dataclass(frozen=True)
@@ -146,9 +155,10 @@ class MetricsObserver:
             m.samples_filtered.labels(*labels).inc(info.samples_filtered)
         if info.resets:
             m.resets.labels(*labels, "collapse").inc(info.resets)
-        regime = regime_name(info.extra.get("regime"))
-        if regime is not None and info.extra.get("switched", 0.0) > 0.5:
-            m.auto_switches.labels(*labels, regime).inc()
+        if info.extra.get("switched", 0.0) > 0.5:  # only ``auto`` streams report a switch
+            regime = regime_name(info.extra.get("regime"))
+            if regime is not None:
+                m.auto_switches.labels(*labels, regime).inc()
 
 
 _DriftSeries = tuple[HistogramSeries, HistogramSeries]
@@ -205,7 +215,7 @@ class DriftObserver:
                 sampled=sampled,
                 disagreed=disagreed,
                 bn_shift=bn_shift,
-                regime=regime_name(info.extra.get("regime")),
+                regime=regime_name(info.extra["regime"]) if "regime" in info.extra else None,
             ),
         )
 
