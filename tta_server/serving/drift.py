@@ -162,9 +162,11 @@ class ScoredProbs(NamedTuple):
 
 def entropy_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row entropy (nats) and max probability of a probability matrix."""
-    # softmax output never exceeds 1, so only the floor of a clip matters (np.maximum skips clip's wrapper)
-    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=1)
-    return entropy, probs.max(axis=1)
+    # softmax output never exceeds 1, so only the floor of a clip matters (np.maximum skips clip's wrapper);
+    # the reductions are the ufuncs' own (``ndarray.sum``/``max`` add a Python wrapper around the same call),
+    # and the sign is flipped on the row sums, not on every probability (the same numbers: negation is exact)
+    entropy = -np.add.reduce(probs * np.log(np.maximum(probs, 1e-12)), axis=1)
+    return entropy, np.maximum.reduce(probs, axis=1)
 
 
 def finite_or_none(value: float | None) -> float | None:
