@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class StepEvent(NamedTuple):
-    """What one finished step of one stream did (the observers' only input)."""
+    """What one finished step of one stream did (the observers' only input).
+
+    Like the other records made once per request (jobs, outputs, outcomes, drift signals), a named
+    tuple: immutable as a frozen dataclass, without the ``object.__setattr__`` per field that a
+    frozen dataclass's ``__init__`` makes.
+    """
 
     record: StreamRecord
     loaded: LoadedModel
