@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Hashable
@@ -59,6 +58,7 @@ from tta_server.observability.request_id import RequestIdMiddleware, current_req
 from tta_server.serving.batcher import Batcher
 from tta_server.serving.decode import DecodePool, InputLimits
 from tta_server.serving.drift import DriftTracker
+from tta_server.serving.method_setup import setup_key
 from tta_server.serving.model_worker import BatchOutput, ModelWorker
 from tta_server.serving.observers import DriftObserver, MetricsObserver, Observers
 from tta_server.serving.record_cache import RecordCache
@@ -221,8 +221,8 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
 
 
 def group_key(record: StreamRecord) -> Hashable:
-    """Streams that one ``adapter.step_many`` call can serve together: same model, method and config."""
-    return record.model, record.method, json.dumps(record.config, sort_keys=True)
+    """Streams that one ``adapter.step_many`` call can serve together: those of one method setup."""
+    return setup_key(record.model, record.method, record.config)
 
 
 def build_services(settings: Settings) -> Services:
@@ -235,7 +235,12 @@ def build_services(settings: Settings) -> Services:
     autocast = None if settings.autocast == "off" else settings.autocast
     worker = ModelWorker(hub, store, observers, channels_last=settings.channels_last, autocast=autocast)
 
-    batch_images, batch_requests, batch_streams = (h.labels() for h in metrics.batch_histograms())
+    # the one series of each unlabelled histogram, looked up once
+    batch_images, batch_requests, batch_streams = (
+        metrics.batch_images.labels(),
+        metrics.batch_requests.labels(),
+        metrics.batch_streams.labels(),
+    )
 
     def on_batch(images: int, requests: int, streams: int) -> None:
         batch_images.observe(images)

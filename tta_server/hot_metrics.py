@@ -77,9 +77,10 @@ class CounterSeries:
         with self._lock:
             self._value += amount
 
-    def get(self) -> float:
+    def snapshot(self) -> tuple[float, float]:
+        """(value, creation time), read together."""
         with self._lock:
-            return self._value
+            return self._value, self._created
 
 
 S = TypeVar("S", HistogramSeries, CounterSeries)
@@ -178,5 +179,6 @@ class HotCounter(_Labelled[CounterSeries]):
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, series in self._items():
-            family.add_metric(list(values), series.get(), created=series._created)
+            value, created = series.snapshot()
+            family.add_metric(list(values), value, created=created)
         yield family

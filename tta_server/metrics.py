@@ -213,16 +213,12 @@ class Metrics:
             self.streams_evicted.labels(reason)
         # looked up once per (route, verb, status): ``labels()`` takes a lock and builds its key on every
         # call, and this runs for every request; bounded, since a client can send any verb
-        self._request_series: Callable[[str, str, int], tuple[CounterSeries, HistogramSeries]] = functools.lru_cache(
-            1024
-        )(self._labelled_request)
+        self._request_series: Callable[[str, str, int], RequestSeries] = functools.lru_cache(1024)(
+            self._labelled_request
+        )
 
     def _labelled_request(self, route: str, http_method: str, status: int) -> RequestSeries:
         return self.requests.labels(route, http_method, str(status)), self.latency.labels(route, http_method)
-
-    def batch_histograms(self) -> tuple[HotHistogram, HotHistogram, HotHistogram]:
-        """Images, requests and streams per batch (in that order): the batcher observes them per batch."""
-        return self.batch_images, self.batch_requests, self.batch_streams
 
     def record_request(self, route: str, http_method: str, status: int, seconds: float) -> None:
         """Count and time one HTTP answer under its route template (the middleware and the predict fast path)."""

@@ -39,6 +39,7 @@ from tta_server.observability.request_id import (
     HEADER,
     HEADER_KEY,
     accept_request_id,
+    request_id_text,
     reset_request_id,
     set_request_id,
 )
@@ -91,14 +92,6 @@ def npy_request_headers(scope: Scope) -> dict[bytes, bytes] | None:
     return found if content_type in NPY_TYPES else None
 
 
-def given_request_id(headers: dict[bytes, bytes]) -> str | None:
-    """The client's ``X-Request-ID`` as text, None when absent or not ASCII (as the middleware reads it)."""
-    value = headers.get(HEADER_KEY)
-    if value is None or not value.isascii():
-        return None
-    return value.decode("ascii")
-
-
 class FastPredict:
     """Answers the common ``.npy`` predict request itself (:meth:`serve`); the caller hands the rest to the app."""
 
@@ -139,7 +132,7 @@ class FastPredict:
         if ours is None:
             return False
         started = time.perf_counter()
-        request_id = accept_request_id(given_request_id(ours[3]))
+        request_id = accept_request_id(request_id_text(ours[3].get(HEADER_KEY)))
         status = 500
         token = set_request_id(request_id)  # use_request_id's work without a generator per request
         try:

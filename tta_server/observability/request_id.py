@@ -82,11 +82,15 @@ def request_id_header(scope: Scope) -> str | None:
     """The client's ``X-Request-ID`` header as text (None when absent or not ASCII)."""
     for key, value in scope.get("headers", ()):
         if key == HEADER_KEY:
-            try:
-                return str(value.decode("ascii"))
-            except UnicodeDecodeError:
-                return None
+            return request_id_text(value)
     return None
+
+
+def request_id_text(value: bytes | None) -> str | None:
+    """A raw ``X-Request-ID`` header value as text; None when absent or not ASCII."""
+    if value is None or not value.isascii():
+        return None
+    return value.decode("ascii")
 
 
 class RequestIdMiddleware:

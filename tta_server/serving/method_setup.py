@@ -12,6 +12,7 @@ method may check the main model against them; then the main model is checked and
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,6 +68,12 @@ def prepare_for_method(
         adapter.bind_auxiliary(prepared_aux)
     adapter.check_model(module_of(model))
     return prepare(model), prepared_aux
+
+
+def setup_key(model: str, method: str, config: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What makes two setups the same: model, method and config (as canonical JSON). Streams with one key
+    share one prepared model and adapter, so one ``adapter.step_many`` call can serve them together."""
+    return model, method, json.dumps(config, sort_keys=True)
 
 
 def setup_method(

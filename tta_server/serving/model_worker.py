@@ -14,7 +14,6 @@ loop.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from tta_server.models import ModelHub
 from tta_server.observability.tracing import span
 from tta_server.serving.batcher import Job, JobResults
 from tta_server.serving.drift import ScoredProbs
-from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_method
+from tta_server.serving.method_setup import MethodSetup, model_inputs, prepare_copy, setup_key, setup_method
 from tta_server.serving.observers import Observers, StepEvent
 from tta_server.serving.record_cache import RecordCache
 from tta_server.serving.state_checks import check_state_fits
@@ -103,7 +102,7 @@ class ModelWorker:
 
     def setup(self, model_name: str, method: str, config: Mapping[str, Any]) -> MethodSetup:
         """The method set up on the model (cached per config); raises adapter and catalogue errors."""
-        cache_key = (model_name, method, json.dumps(config, sort_keys=True))
+        cache_key = setup_key(model_name, method, config)
         with self._lock:
             if cache_key not in self._setups:
                 self._setups[cache_key] = setup_method(

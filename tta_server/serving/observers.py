@@ -89,13 +89,10 @@ class Observers:
         """Whether some observer defers some of ``events`` (then the worker queues a deferred pass)."""
         return any(observer.defers(event) for event in events for observer in self.observers)
 
-    def notify(self, event: StepEvent, deferred: bool = False) -> None:
-        """Run the observers that defer ``event`` (``deferred``) or that do not (the default) on it."""
-        self.notify_all([event], deferred)
-
     def notify_all(self, events: Sequence[StepEvent], deferred: bool = False) -> bool:
-        """:meth:`notify` for each of ``events``; whether an observer was left out of some event (for the
-        default pass: whether a deferred pass is needed), so each observer's ``defers`` is asked once."""
+        """Run on each of ``events`` the observers that defer it (``deferred``) or that do not (the default);
+        whether an observer was left out of some event (for the default pass: whether a deferred pass is
+        needed), so each observer's ``defers`` is asked once."""
         left_out = False
         for event in events:
             for observer in self.observers:
