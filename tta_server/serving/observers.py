@@ -3,7 +3,7 @@
 Why observers: a step's answer and the stream's next state are settled once the state is
 written. Metrics and drift bookkeeping come after that; if one of them raised inside the step,
 the client got a 500 although the stream had already moved on, which breaks the promise that
-a failed request never changes a stream. So each observer runs behind :meth:`Observers.notify`,
+a failed request never changes a stream. So each observer runs behind :meth:`Observers.notify_all`,
 which logs and counts an observer's exception (``tta_observer_errors_total{observer}``) and
 carries on: the answer and the stored state are what they would have been without it.
 """
