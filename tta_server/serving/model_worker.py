@@ -314,6 +314,13 @@ class ModelWorker:
         reference = setup.adapter.init_state(setup.model, record.seed, setup.loaded.sha256)
         size = setup.spec.input_size
         check_state_fits(incoming, reference, record, setup.adapter, (3, size, size))
+        # the tensors in the method's own order (the fresh state's; those a growing state added after them, by
+        # name), not the order the bytes were read in: safetensors returns them in an order that varies between
+        # processes, and a method that sums over its tensors (SAR's gradient norm) would round differently
+        # after a restore than before it
+        order = [name for name in reference.tensors if name in incoming.tensors]
+        order += sorted(set(incoming.tensors) - set(order))
+        incoming = StreamState({name: incoming.tensors[name] for name in order}, incoming.meta)
         _, version, seen = self.current_state(record, setup)
         new_version = self.store.save_state(record.key, incoming, version, seen)
         return incoming.meta.step, new_version
