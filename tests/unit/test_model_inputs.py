@@ -8,6 +8,7 @@ import torch
 from tests.api.helpers import random_images
 from tta_server.app import build_services
 from tta_server.serving.method_setup import model_inputs
+from tta_server.serving.model_worker import host_probabilities
 from tta_server.settings import Settings
 from tta_server.zoo.catalogue import build_catalogue
 
@@ -37,3 +38,19 @@ def test_autocast_applies_on_cuda_only(settings: Settings) -> None:
     finally:
         services.decoder.close()
         services.streams.close()
+
+
+def test_host_probabilities_are_the_float32_softmax_whatever_the_logits() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    expected = torch.softmax(logits, dim=1).numpy()
+    same = host_probabilities(logits)
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, expected)
+    with torch.enable_grad():
+        learning = logits.double().requires_grad_() * 1.0  # a gradient method's logits: float64, in a graph
+        from_graph = host_probabilities(learning)
+    assert from_graph.dtype == np.float32
+    np.testing.assert_allclose(from_graph, expected, rtol=1e-6)
+    half = host_probabilities(logits.to(torch.bfloat16))  # autocast's logits
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, expected, atol=1e-2)
