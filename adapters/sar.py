@@ -41,8 +41,9 @@ when it falls below e_m (entropy collapse).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -124,9 +125,16 @@ def frozen_norms(model: nn.Module, freeze: str, fraction: float) -> set[str]:
     return set(names[len(names) - count :]) if count > 0 else set()
 
 
-def sam_perturbation(grads: Tensors, rho: float) -> Tensors:
-    """SAM's ascent step ε = ρ·g / (‖g‖₂ + 1e-12), with one global L2 norm over all tensors."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+def sam_perturbation(grads: Tensors, rho: float, order: Sequence[str] | None = None) -> Tensors:
+    """SAM's ascent step ε = ρ·g / (‖g‖₂ + 1e-12), with one global L2 norm over all tensors.
+
+    The per-tensor norms are summed in ``order`` (every name of ``grads``; default: the dict's own
+    order). A float sum depends on its order, and a state's tensors do not always come in the
+    same one (a state read back from bytes comes in the reader's order), so the adapter passes the
+    model's parameter order: a restored or replicated stream then rounds exactly as the original.
+    """
+    names = grads.keys() if order is None else order
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k]) for k in names]))
     scale = rho / (norm + 1e-12)
     return {k: g * scale for k, g in grads.items()}
 
@@ -164,6 +172,17 @@ class SAR(Adapter[SARConfig]):
     def prepare(self, model: nn.Module) -> nn.Module:
         """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""
         return swap_affine_norms(swap_batchnorms(model, BatchStatsNorm))
+
+    def __init__(self, config: SARConfig | Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self._param_orders: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+    def param_order(self, model: nn.Module) -> tuple[str, ...]:
+        """The trainable parameters' names in the model's module order (the reference's parameter order),
+        found once per prepared model: the order the SAM norm sums in, whatever order a state comes in."""
+        if model not in self._param_orders:
+            self._param_orders[model] = tuple(self.source_params(model))
+        return self._param_orders[model]
 
     def source_params(self, model: nn.Module) -> Tensors:
         """The trainable affine parameters at the source: all norm layers minus the frozen top stage."""
@@ -204,7 +223,7 @@ class SAR(Adapter[SARConfig]):
         grads = grads_of(ent[s1].mean(), live)
 
         # SAM ascent, pass 2 at the perturbed point, S2 within S1
-        eps = sam_perturbation(grads, cfg.rho)
+        eps = sam_perturbation(grads, cfg.rho, self.param_order(model))
         perturbed = requiring_grad({k: params[k] + eps[k] for k in params})
         ent2 = entropy(forward(model, {**flags, **perturbed}, x))[s1]
         s2 = ent2.detach() < e0
@@ -246,7 +265,7 @@ class SAR(Adapter[SARConfig]):
             grads = segment_grads(torch.stack([ents[i][s1[i]].mean() for i in first]).sum(), live, batch.count)
             perturbed = []
             for i in first:
-                eps = sam_perturbation(grads[i], cfg.rho)
+                eps = sam_perturbation(grads[i], cfg.rho, self.param_order(model))
                 perturbed.append({k: params[i][k] + eps[k] for k in params[i]})
             batch2 = FusedBatch.of([segments[i].x for i in first])
             logits2, live2 = fused_affine_forward(model, batch2, perturbed, flags)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -209,6 +210,23 @@ def test_sam_perturbation_uses_one_global_norm() -> None:
     eps = sam_perturbation({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}, rho=0.05)
     close(eps["a"], [0.03, 0.0])
     close(eps["b"], [0.04])
+
+
+def test_sam_perturbation_sums_in_the_given_order_whatever_the_dicts() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = {f"t{i}": torch.randn(8, generator=gen) * (1 + i / 7) for i in range(16)}
+    model_order = list(grads)
+    in_order = sam_perturbation(grads, rho=0.05)
+    differing = 0
+    for seed in range(50):
+        names = list(grads)
+        random.Random(seed).shuffle(names)
+        shuffled = {k: grads[k] for k in names}
+        unordered = sam_perturbation(shuffled, rho=0.05)
+        differing += any(not torch.equal(unordered[k], in_order[k]) for k in grads)
+        ordered = sam_perturbation(shuffled, rho=0.05, order=model_order)
+        assert all(torch.equal(ordered[k], in_order[k]) for k in grads)
+    assert differing > 0  # the dict's order does change the rounding of some sums: the order is what fixes it
 
 
 def test_sar_loss_ema() -> None:
