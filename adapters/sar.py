@@ -169,13 +169,13 @@ class SAR(Adapter[SARConfig]):
     batch_size_one = "GN/LN: the intended setting (double lr as the reference); BN: instance normalization (poor)"
     nan_markers = frozenset({EMA})
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""
-        return swap_affine_norms(swap_batchnorms(model, BatchStatsNorm))
-
     def __init__(self, config: SARConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
         self._param_orders: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A copy with BN layers swapped for batch-statistics layers, GN/LN for segment-aware twins."""
+        return swap_affine_norms(swap_batchnorms(model, BatchStatsNorm))
 
     def param_order(self, model: nn.Module) -> tuple[str, ...]:
         """The trainable parameters' names in the model's module order (the reference's parameter order),

@@ -68,7 +68,12 @@ def test_only_batches_that_sample_the_source_model_are_deferred() -> None:
     metrics = Metrics()
     observers = Observers([MetricsObserver(metrics), DriftObserver(DriftTracker(sample_every=10), metrics)], metrics)
     at = {step: cast(StepEvent, SimpleNamespace(step=step)) for step in (1, 2, 10, 11)}
-    assert [observers.defers_any([at[s]]) for s in (1, 2, 10, 11)] == [True, False, False, True]
-    assert observers.defers_any([at[2], at[11]])
+
+    def defers_any(chain: Observers, events: list[StepEvent]) -> bool:
+        """What ``Observers.notify_all`` answers for its default pass: whether some observer defers some event."""
+        return any(observer.defers(event) for event in events for observer in chain.observers)
+
+    assert [defers_any(observers, [at[s]]) for s in (1, 2, 10, 11)] == [True, False, False, True]
+    assert defers_any(observers, [at[2], at[11]])
     off = Observers([DriftObserver(DriftTracker(sample_every=0), metrics)], metrics)
-    assert not off.defers_any(list(at.values()))
+    assert not defers_any(off, list(at.values()))

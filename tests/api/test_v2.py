@@ -195,6 +195,8 @@ def test_errors_in_the_protocols_shape(live: Live) -> None:
     assert r.json()["request_id"] == r.headers["x-request-id"]
     r = post(one([1, 100_000, 100_000, 3], parameters={"binary_data_size": 3}), b"\0\0\0")
     assert r.status_code == 413
+    r = post(one([2, 4096, 4096, 3], parameters={"binary_data_size": 3}), b"\0\0\0")  # each image fits, both don't
+    assert r.status_code == 413 and "per request" in r.json()["error"]
     r = post(one([1, 2, 2, 3], parameters={"binary_data_size": 3}), b"\0\0\0")
     assert r.status_code == 400 and "binary data of 3 bytes" in r.json()["error"]
     r = post(one([1, 3, 4, 3], data=[0] * 36))

@@ -87,7 +87,7 @@ from tta_server.api.v2_schemas import (
 )
 from tta_server.errors import NotFoundError, PayloadTooLargeError, RequestInvalidError, UnsupportedMediaError
 from tta_server.observability.request_id import current_request_id
-from tta_server.serving.admission import InputLimits, check_count, check_pixels
+from tta_server.serving.admission import InputLimits, check_batch_pixels, check_count
 from tta_server.serving.decode import fit_image
 from tta_server.serving.stream_service import Decoder, PredictInput, PredictOutcome
 from tta_server.zoo.catalogue import ModelSpec
@@ -360,7 +360,7 @@ def plan_tensor(tensor: RequestInput, request_params: Mapping[str, Any] | None, 
     if channels not in (1, 3):
         raise RequestInvalidError(f"{layout} shape {shape} has {channels} channels; send 3 (RGB) or 1 (grey)")
     check_count(n, limits)
-    check_pixels([(width, height)] * n, limits)
+    check_batch_pixels(n, width, height, limits)
     return TensorPlan(dtype, layout, n, height, width, channels)
 
 

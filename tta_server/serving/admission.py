@@ -87,6 +87,12 @@ def check_pixels(sizes: list[tuple[int, int]], limits: InputLimits) -> None:
     check_request_pixels(len(sizes), sum(width * height for width, height in sizes), limits)
 
 
+def check_batch_pixels(n: int, width: int, height: int, limits: InputLimits) -> None:
+    """:func:`check_pixels` for ``n`` images of one size (a tensor batch): one image checked, not ``n``."""
+    check_image_pixels(0, width, height, limits)  # every image of the batch has this size
+    check_request_pixels(n, n * width * height, limits)
+
+
 def check_image_pixels(index: int, width: int, height: int, limits: InputLimits) -> None:
     """One image is not empty and within ``max_pixels``."""
     if width <= 0 or height <= 0:
@@ -184,8 +190,7 @@ def admit_npy(body: bytes, limits: InputLimits) -> AdmittedNpy:
         )
     n, height, width, channels = shape
     check_count(n, limits)
-    check_image_pixels(0, width, height, limits)  # every image of the batch has this size
-    check_request_pixels(n, n * width * height, limits)
+    check_batch_pixels(n, width, height, limits)
     expected = n * height * width * channels
     if len(body) - offset != expected:
         raise RequestInvalidError(

@@ -85,10 +85,6 @@ class Observers:
         for observer in self.observers:  # every observer's error series exists from the start, at 0
             metrics.observer_errors.labels(observer.name)
 
-    def defers_any(self, events: Sequence[StepEvent]) -> bool:
-        """Whether some observer defers some of ``events`` (then the worker queues a deferred pass)."""
-        return any(observer.defers(event) for event in events for observer in self.observers)
-
     def notify_all(self, events: Sequence[StepEvent], deferred: bool = False) -> bool:
         """Run on each of ``events`` the observers that defer it (``deferred``) or that do not (the default);
         whether an observer was left out of some event (for the default pass: whether a deferred pass is
